@@ -1,0 +1,149 @@
+"""FID with clean-fid's features and resizing, without the folder round-trip.
+
+clean-fid's folder API (`compute_fid(gen_dir, real_dir)`) writes PNGs, reads them back and recomputes the real
+images' features at every evaluation. Here the real images' statistics are computed once per
+(data, class, image size, extractor) and cached on disk, and generated images go from memory to the
+feature extractor in large batches, through clean-fid's own resizer and Frechet distance, so the value
+equals the folder-based one on the same images.
+"""
+import hashlib
+import os
+import platform
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+INCEPTION_FILE = "inception-2015-12-05.pt"
+INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+# clean-fid looks for (and downloads) the weights in this folder
+INCEPTION_DIR = "./" if platform.system() == "Windows" else "/tmp"
+
+
+class FIDSetupError(RuntimeError):
+    """The feature extractor cannot be obtained; raised at start-up, not at the first evaluation."""
+
+
+def ensure_inception_weights(url=None, timeout=30):
+    """Make sure clean-fid's Inception weights are on disk, downloading them once if needed."""
+    path = os.path.join(INCEPTION_DIR, INCEPTION_FILE)
+    if os.path.isfile(path) and os.path.getsize(path) > 0:
+        return path
+    url = url or os.environ.get("DDPM_INCEPTION_URL", INCEPTION_URL)
+    tmp = path + ".part"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc="Inception weights for FID") as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+        os.replace(tmp, path)
+    except (OSError, ValueError) as error:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise FIDSetupError(
+            f"--fid needs clean-fid's Inception weights, which could not be downloaded from {url} ({error}). "
+            f"Download {INCEPTION_FILE} on a machine with internet access and copy it to {path}, "
+            f"or run without --fid."
+        ) from None
+    return path
+
+
+class TinyExtractor(torch.nn.Module):
+    """A small fixed random conv net with the same interface as clean-fid's Inception
+    ((b, 3, 299, 299) in [0, 255] -> (b, features)). For tests and --smoke only: its FID is not comparable
+    with published numbers."""
+
+    def __init__(self, features=32, seed=0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.conv1 = torch.nn.Conv2d(3, 16, 7, stride=4)
+        self.conv2 = torch.nn.Conv2d(16, features, 5, stride=4)
+        for p in self.parameters():
+            p.data = torch.randn(p.shape, generator=generator) * 0.1
+        self.requires_grad_(False)
+
+    def forward(self, x):
+        x = torch.nn.functional.avg_pool2d(x / 128 - 1, 2)
+        x = torch.relu(self.conv1(x))
+        return self.conv2(x).mean(dim=(2, 3))
+
+
+def build_extractor(name, device):
+    """The feature extractor as clean-fid calls it: a function from a float (b, 3, 299, 299) batch to features."""
+    if name == "tiny":
+        return TinyExtractor().to(device).eval()
+    if name == "inception":
+        ensure_inception_weights()
+        from cleanfid.features import build_feature_extractor
+
+        return build_feature_extractor("clean", device=device, use_dataparallel=False)
+    raise FIDSetupError(f"unknown FID extractor {name!r}: choose 'inception' or 'tiny'.")
+
+
+def to_uint8_hwc(images):
+    """(b, c, h, w) floats in [0, 1] -> uint8 (b, h, w, c), rounded exactly as saving a PNG does."""
+    return images.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+class FeatureComputer:
+    """Resize uint8 images the clean-fid way (PIL bicubic, float) and extract features in large batches."""
+
+    def __init__(self, extractor, device, batch_size=None, workers=4):
+        from cleanfid.resize import build_resizer
+
+        self.extractor = extractor
+        self.device = device
+        self.batch_size = batch_size or (256 if device.type == "cuda" else 64)
+        self.resize = build_resizer("clean")
+        self.pool = ThreadPoolExecutor(max(1, workers))  # PIL resizes release the GIL
+
+    def __call__(self, images_uint8_hwc, description="FID features"):
+        from cleanfid.fid import get_batch_features
+
+        features = []
+        for start in tqdm(range(0, len(images_uint8_hwc), self.batch_size), desc=description, leave=False):
+            chunk = images_uint8_hwc[start : start + self.batch_size]
+            resized = np.stack(list(self.pool.map(self.resize, chunk)))  # (b, 299, 299, 3) float32
+            batch = torch.from_numpy(resized).permute(0, 3, 1, 2)
+            features.append(get_batch_features(batch, self.extractor, self.device))
+        return np.concatenate(features)
+
+
+def statistics(features):
+    """Mean and covariance exactly as clean-fid computes them."""
+    return np.mean(features, axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(stats_a, stats_b):
+    from cleanfid.fid import frechet_distance as clean_fid_frechet
+
+    return float(clean_fid_frechet(stats_a[0], stats_a[1], stats_b[0], stats_b[1]))
+
+
+class FIDScorer:
+    """FID of generated images against cached statistics of the real ones."""
+
+    def __init__(self, real_images_uint8_hwc, *, extractor_name, device, cache_dir, cache_key, workers=4):
+        self.features = FeatureComputer(build_extractor(extractor_name, device), device, workers=workers)
+        key = hashlib.sha1(f"{cache_key}|{extractor_name}".encode()).hexdigest()[:16]
+        self.cache_path = os.path.join(cache_dir, f"fid_stats_{extractor_name}_{key}.npz")
+        self.real_stats = self._load_or_compute(real_images_uint8_hwc)
+
+    def _load_or_compute(self, real_images):
+        if os.path.isfile(self.cache_path):
+            with np.load(self.cache_path) as cached:
+                return cached["mu"], cached["sigma"]
+        mu, sigma = statistics(self.features(real_images, description="FID reference statistics (once)"))
+        os.makedirs(os.path.dirname(self.cache_path), exist_ok=True)
+        from utils import atomic_write
+
+        atomic_write(self.cache_path, lambda f: np.savez(f, mu=mu, sigma=sigma))
+        return mu, sigma
+
+    def score(self, images):
+        """images: (b, c, h, w) floats in [0, 1], as Diffusion.sample returns them."""
+        return frechet_distance(statistics(self.features(to_uint8_hwc(images), description="FID")), self.real_stats)

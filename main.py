@@ -1,0 +1,68 @@
+"""Train the homework's DDPM, or draw its diffusion figures.
+
+    python main.py                          # train on ./data/train (cats), 10 000 steps, checkpoints in ./results
+    python main.py --fid --train_steps 1000 --save_and_sample_every 100
+    python main.py --visualize --load_path results/checkpoint.pt
+    python main.py --smoke                  # is my setup right? (under a minute on a laptop CPU)
+    torchrun --nproc_per_node 2 main.py ... # several GPUs (or CPU processes): DistributedDataParallel
+
+Every option and its default lives in utils.Config; `python main.py --help` lists them.
+"""
+import argparse
+import dataclasses
+import sys
+import typing
+
+from utils import Config, ConfigError, train_diffusion, visualize_diffusion
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description="Train a DDPM on AFHQ and draw its figures (the reference homework kit).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    hints = typing.get_type_hints(Config)
+    for option in dataclasses.fields(Config):
+        flag, kind = f"--{option.name}", hints[option.name]
+        kwargs = {"default": option.default, "help": option.metadata["help"]}
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif option.name == "unet_dim_mults":
+            parser.add_argument(flag, type=int, nargs="+", **kwargs)
+        else:
+            base = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Union else kind
+            parser.add_argument(flag, type=base, choices=option.metadata.get("choices"), **kwargs)
+    return parser
+
+
+def main(argv=None):
+    args = vars(build_parser().parse_args(argv))
+    try:
+        if args["visualize"] and not args["smoke"] and args["load_path"] is not None:
+            result = visualize_diffusion(**args)
+        else:
+            result = train_diffusion(**args)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except NotImplementedError as error:
+        print(f"error: implement the TODOs in diffusion.py first ({error}). "
+              "`pytest test_diffusion.py` shows which parts are missing.", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:
+        from fid import FIDSetupError
+        from trainer import TrainingDiverged
+
+        if isinstance(error, (FIDSetupError, TrainingDiverged)):
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        raise
+    for key, value in result.items():
+        print(f"{key}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
