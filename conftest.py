@@ -1,0 +1,52 @@
+"""Prints your homework score after `pytest test_diffusion.py`.
+
+Tests marked `@pytest.mark.graded("<function>")` count towards that function's points (POINTS in
+test_diffusion.py); a function's points are split evenly over its tests. Other tests are not graded.
+"""
+import pytest
+
+_OUTCOMES = {}  # nodeid -> (function, passed)
+_POINTS = {}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "graded(function): the test counts towards that function's points (see POINTS)")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    mark = item.get_closest_marker("graded")
+    if mark is not None:
+        _POINTS.update(getattr(item.module, "POINTS", {}))
+        function, passed = _OUTCOMES.get(item.nodeid, (mark.args[0], False))
+        if report.when in ("setup", "call"):
+            passed = report.passed
+        elif not report.passed:  # a failing teardown
+            passed = False
+        _OUTCOMES[item.nodeid] = (function, passed)
+    return report
+
+
+def score_table(outcomes, points):
+    """[(function, passed, total, score, max)] and the total, from {nodeid: (function, passed)}."""
+    rows, total = [], 0.0
+    for function, max_points in points.items():
+        results = [passed for f, passed in outcomes.values() if f == function]
+        if not results:
+            continue
+        score = max_points * sum(results) / len(results)
+        rows.append((function, sum(results), len(results), score, max_points))
+        total += score
+    return rows, total
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _OUTCOMES or not _POINTS:
+        return
+    rows, total = score_table(_OUTCOMES, _POINTS)
+    tr = terminalreporter
+    tr.section("homework score (POINTS in test_diffusion.py)")
+    for function, passed, n, score, max_points in rows:
+        tr.write_line(f"  {function:<14} {passed:>2}/{n:<2} tests   {score:6.2f} / {max_points}")
+    tr.write_line(f"  {'total':<14} {'':>11}   {total:6.2f} / {sum(r[4] for r in rows)}")
