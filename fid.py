@@ -18,8 +18,12 @@ from tqdm import tqdm
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
-# clean-fid looks for (and downloads) the weights in this folder
-INCEPTION_DIR = "./" if platform.system() == "Windows" else "/tmp"
+# clean-fid's own place for the weights; DDPM_INCEPTION_DIR moves it (e.g. to a Drive folder that persists)
+DEFAULT_INCEPTION_DIR = "./" if platform.system() == "Windows" else "/tmp"
+
+
+def inception_dir():
+    return os.environ.get("DDPM_INCEPTION_DIR", DEFAULT_INCEPTION_DIR)
 
 
 class FIDSetupError(RuntimeError):
@@ -28,7 +32,7 @@ class FIDSetupError(RuntimeError):
 
 def ensure_inception_weights(url=None, timeout=30):
     """Make sure clean-fid's Inception weights are on disk, downloading them once if needed."""
-    path = os.path.join(INCEPTION_DIR, INCEPTION_FILE)
+    path = os.path.join(inception_dir(), INCEPTION_FILE)
     if os.path.isfile(path) and os.path.getsize(path) > 0:
         return path
     url = url or os.environ.get("DDPM_INCEPTION_URL", INCEPTION_URL)
@@ -46,8 +50,8 @@ def ensure_inception_weights(url=None, timeout=30):
             os.unlink(tmp)
         raise FIDSetupError(
             f"--fid needs clean-fid's Inception weights, which could not be downloaded from {url} ({error}). "
-            f"Download {INCEPTION_FILE} on a machine with internet access and copy it to {path}, "
-            f"or run without --fid."
+            f"Download {INCEPTION_FILE} on a machine with internet access and copy it to {path} "
+            f"(or to the folder named by the DDPM_INCEPTION_DIR environment variable), or run without --fid."
         ) from None
     return path
 
@@ -78,9 +82,10 @@ def build_extractor(name, device):
         return TinyExtractor().to(device).eval()
     if name == "inception":
         ensure_inception_weights()
-        from cleanfid.features import build_feature_extractor
+        from cleanfid.inception_torchscript import InceptionV3W
 
-        return build_feature_extractor("clean", device=device, use_dataparallel=False)
+        # what clean-fid's build_feature_extractor("clean") builds, reading the weights from inception_dir()
+        return InceptionV3W(inception_dir(), download=False, resize_inside=False).to(device).eval()
     raise FIDSetupError(f"unknown FID extractor {name!r}: choose 'inception' or 'tiny'.")
 
 

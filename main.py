@@ -10,6 +10,7 @@ Every option and its default lives in utils.Config; `python main.py --help` list
 """
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 
@@ -59,8 +60,9 @@ def main(argv=None):
             print(f"error: {error}", file=sys.stderr)
             return 1
         raise
-    for key, value in result.items():
-        print(f"{key}: {value}")
+    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, one report
+        for key, value in result.items():
+            print(f"{key}: {value}")
     return 0
 
 

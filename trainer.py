@@ -160,7 +160,7 @@ def smoke_config(cfg):
     """--smoke: the whole pipeline, small: generated data, a few steps, sampling, tiny-extractor FID, figures."""
     data_path = make_smoke_data(os.path.join(cfg.save_folder, "smoke_data"))
     return dataclasses.replace(
-        cfg, data_path=data_path, data_class="cat", train_steps=4, save_and_sample_every=2, batch_size=8,
+        cfg, data_path=data_path, data_class="cat", train_steps=4, save_and_sample_every=4, batch_size=8,
         fid=True, fid_extractor="tiny", fid_num_samples=16, sample_grid_size=16, visualize=True, log_every=2,
         fresh=True, load_path=None, smoke=False,
     )
@@ -170,21 +170,25 @@ def smoke_config(cfg):
 # Logging
 
 
+def wandb_key_configured():
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        import netrc
+
+        return bool(netrc.netrc().authenticators("api.wandb.ai"))
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
 def wandb_mode(requested):
     """'auto' -> online when a wandb key is configured, else offline run files. Never prompts."""
     if requested != "auto":
         return requested
     if os.environ.get("WANDB_MODE") in ("online", "offline", "disabled"):
         return os.environ["WANDB_MODE"]
-    if os.environ.get("WANDB_API_KEY"):
+    if wandb_key_configured():
         return "online"
-    try:
-        import netrc
-
-        if netrc.netrc().authenticators("api.wandb.ai"):
-            return "online"
-    except (OSError, netrc.NetrcParseError):
-        pass
     print("wandb: no API key configured, logging offline to run files (`wandb sync` uploads them later).")
     return "offline"
 
@@ -200,7 +204,7 @@ class WandbLogger:
         try:
             import wandb
 
-            if mode == "online" and not (os.environ.get("WANDB_API_KEY") or wandb_mode("auto") == "online"):
+            if mode == "online" and not wandb_key_configured():
                 print("wandb: --wandb online but no API key is configured; logging offline instead.")
                 mode = "offline"
             self.wandb = wandb
@@ -295,6 +299,10 @@ class Trainer:
         self.checkpoint_path = os.path.join(cfg.save_folder, CHECKPOINT_NAME)
         self.samples_folder = os.path.join(cfg.save_folder, "samples")
 
+        if cfg.fid and cfg.fid_extractor == "inception" and self.is_main and for_training:
+            from fid import ensure_inception_weights
+
+            ensure_inception_weights()  # a missing download fails now, before the data is read
         # Reading the data is the first long step: everything above was cheap to check.
         self.data = ImageData(list_images(cfg.data_path, cfg.data_class), cfg.image_size, self.device,
                               cfg.dataloader_workers)
@@ -316,8 +324,11 @@ class Trainer:
         self.run_id = uuid.uuid4().hex[:8]
         self._load_start_checkpoint()
 
-        # FID weights and reference statistics before training, so a missing download fails now, not at step 1000
-        self.fid_scorer = self._build_fid_scorer() if cfg.fid and self.is_main and for_training else None
+        # FID reference statistics before training (computed once, then cached on disk)
+        self.fid_scorer = None
+        if cfg.fid and self.is_main and for_training:
+            with isolated_rng(self.device):  # building an extractor must not shift the training RNG streams
+                self.fid_scorer = self._build_fid_scorer()
         self.logger = WandbLogger(cfg, self.run_id) if self.is_main else None
         self.model_for_training = self._wrap_for_training()
 

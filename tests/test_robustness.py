@@ -1,0 +1,118 @@
+"""Nothing a student trained is lost: SIGKILL at random moments, a disk that fills up mid-save, Ctrl-C,
+a loss that becomes NaN, and several processes (DistributedDataParallel over gloo)."""
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO, as_flags, tiny_args
+
+import trainer as trainer_module
+import utils
+from diffusion import Diffusion
+
+
+def start_main(args, **popen):
+    return subprocess.Popen([sys.executable, os.path.join(REPO, "main.py"), *as_flags(args)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def checkpoint_step(folder):
+    return torch.load(os.path.join(folder, "checkpoint.pt"), weights_only=True)["step"]
+
+
+def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path, image_folder):
+    # a checkpoint every step, so kills land during saves as well as between them
+    args = tiny_args(tmp_path, image_folder, train_steps=10_000, save_and_sample_every=1, log_every=1)
+    rng = random.Random(0)
+    last_step, cycles = 0, 8
+    for _ in range(cycles):
+        process = start_main(args)
+        deadline = time.monotonic() + 60
+        while not os.path.exists(tmp_path / "checkpoint.pt") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.2, 2.5))
+        process.kill()
+        process.communicate()
+        step = checkpoint_step(tmp_path)  # must load, whatever moment the kill hit
+        assert step >= last_step, f"checkpoint went back from step {last_step} to {step}"
+        last_step = step
+        leftovers = [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+        assert len(leftovers) <= 1  # at most the one save that the kill interrupted
+    assert last_step > 0
+    summary = utils.train_diffusion(**{**args, "train_steps": last_step + 2, "save_and_sample_every": 1000})
+    assert summary["step"] == last_step + 2
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")], "stale temporary files were not cleaned up"
+
+
+def test_a_failing_save_keeps_the_previous_checkpoint(tmp_path, image_folder, monkeypatch):
+    trainer = trainer_module.Trainer(utils.Config.from_args(**tiny_args(tmp_path, image_folder, train_steps=2,
+                                                                        save_and_sample_every=1000)))
+    trainer.train()
+    good = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+
+    def disk_full(obj, f):
+        f.write(b"partial checkpoint bytes")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(trainer_module.torch, "save", disk_full)
+    trainer.step = 99
+    with pytest.raises(OSError, match="No space left"):
+        trainer.save_checkpoint()
+    monkeypatch.undo()
+    kept = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert kept["step"] == good["step"] == 2
+    assert all(torch.equal(kept["model"][k], good["model"][k]) for k in good["model"])
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_ctrl_c_saves_and_says_how_to_resume(tmp_path, image_folder):
+    args = tiny_args(tmp_path, image_folder, train_steps=10_000, save_and_sample_every=5, log_every=5)
+    process = start_main(args)
+    deadline = time.monotonic() + 60
+    while not os.path.exists(tmp_path / "checkpoint.pt") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err[-2000:]
+    assert "Interrupted at step" in out and "Re-run the same command to resume" in out
+    interrupted_at = int(out.split("Interrupted at step ")[1].split(":")[0])
+    assert checkpoint_step(tmp_path) == interrupted_at >= 5
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path, image_folder, monkeypatch):
+    calls = {"n": 0}
+    real_p_losses = Diffusion.p_losses
+
+    def p_losses_turning_nan(self, x_0, t, noise):
+        calls["n"] += 1
+        loss = real_p_losses(self, x_0, t, noise)
+        return loss * float("nan") if calls["n"] > 6 else loss  # steps 1-3 fine (2 micro-batches each)
+
+    monkeypatch.setattr(Diffusion, "p_losses", p_losses_turning_nan)
+    with pytest.raises(trainer_module.TrainingDiverged, match=r"loss became nan at step 4: .*last good checkpoint"):
+        utils.train_diffusion(**tiny_args(tmp_path, image_folder, train_steps=10, save_and_sample_every=2, log_every=1))
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+@pytest.mark.timeout(240)
+def test_torchrun_with_two_processes_trains_with_ddp_on_gloo(tmp_path, image_folder):
+    args = tiny_args(tmp_path, image_folder, train_steps=3, save_and_sample_every=3)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         os.path.join(REPO, "main.py"), *as_flags(args)],
+        cwd=REPO, capture_output=True, text=True, timeout=200,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert checkpoint_step(tmp_path) == 3
+    assert (tmp_path / "samples" / "sample-3.png").is_file()
+    assert result.stdout.count("checkpoint: ") == 1, "only rank 0 reports and saves"
