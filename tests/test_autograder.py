@@ -174,4 +174,4 @@ def test_submission_cannot_forge_the_results(graded):
     assert result["score"] == 0, result["output"]
     assert len(visible(result)) == 45
     hidden = [t for t in result["tests"] if t.get("visibility") == "hidden"][0]["output"]
-    assert "results\\.json" in hidden or "results.json" in hidden
+    assert "submission mentions:" in hidden and "results.json" in hidden and "os.write" in hidden

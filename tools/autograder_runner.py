@@ -50,9 +50,13 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GRADER_FILES = ["test_diffusion.py", "test_fixtures", "unet.py", "grading_plugin.py"]
-SUSPICIOUS = [r"test_diffusion", r"\bpytest\b", r"grading_plugin", r"sys\.modules", r"\bgc\b", r"_getframe",
-              r"\binspect\b", r"/proc", r"results\.json", r"GRADING_", r"os\.environ", r"\bbuiltins\b", r"\bctypes\b",
-              r"os\._exit", r"\bsubprocess\b", r"sys\.settrace", r"atexit"]
+SUSPICIOUS = {  # shown to instructors only; mentions are not proof of anything
+    "test_diffusion": r"test_diffusion", "pytest": r"\bpytest\b", "grading_plugin": r"grading_plugin",
+    "sys.modules": r"sys\.modules", "gc": r"\bgc\b", "_getframe": r"_getframe", "inspect": r"\binspect\b",
+    "/proc": r"/proc", "results.json": r"results\.json", "GRADING_": r"GRADING_", "os.environ": r"os\.environ",
+    "builtins": r"\bbuiltins\b", "ctypes": r"\bctypes\b", "os._exit": r"os\._exit", "subprocess": r"\bsubprocess\b",
+    "sys.settrace": r"sys\.settrace", "atexit": r"\batexit\b", "os.write": r"os\.write",
+}
 
 
 def find_submission(folder):
@@ -194,7 +198,7 @@ def grade(root, python=sys.executable, time_limit=480.0, test_timeout=60.0):
             general = f"diffusion.py could not be read as Python source: {exc}"
         if not general:
             text = source.decode("utf-8", errors="replace")
-            flagged = sorted({p for p in SUSPICIOUS if re.search(p, text)})
+            flagged = sorted(label for label, pattern in SUSPICIOUS.items() if re.search(pattern, text))
             if flagged:
                 hidden.append("submission mentions: " + ", ".join(flagged))
             with tempfile.TemporaryDirectory(prefix="grade-") as parent:
