@@ -1,0 +1,504 @@
+#!/usr/bin/env python
+"""Write run_in_colab.ipynb and run_in_kaggle.ipynb from one set of cell sources.
+
+Both notebooks run the same steps (parameters, code and packages, data, wandb, training, figures 7.1-7.5);
+only a few settings differ per platform (where the code, the data and the outputs live, how secrets are read).
+Every cell is written once below, with `$name` slots (string.Template) that each platform fills in, so the two
+notebooks cannot drift apart. The notebooks are written without outputs and with fixed cell ids, so a rebuild
+of unchanged sources gives byte-identical files.
+
+    python tools/build_notebooks.py           # rewrite both notebooks
+    python tools/build_notebooks.py --check   # exit 1 if a committed notebook differs from these sources
+
+tests/test_notebooks.py runs --check's comparison and executes both notebooks headless (DDPM_SMOKE=1).
+"""
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+
+import nbformat
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Platform:
+    name: str
+    filename: str
+    title: str
+    how_to_run: str  # markdown: numbered steps
+    resume_note: str  # markdown: how outputs survive a disconnect
+    settings: str  # code: platform-only knobs at the top of the parameters cell
+    save_folder: str  # code: expression for args["save_folder"]
+    data_path: str  # code: expression for args["data_path"]
+    code_search: str  # code: list of folders searched for the homework code
+    data_search: str  # code: list of folders searched for the data
+    secret_getter: str  # code: body of platform_secret(name)
+    gpu_hint: str  # text printed when no GPU is visible
+    extra_cells: tuple = ()  # (id, kind, source) inserted after the parameters cell
+    metadata: tuple = ()  # (key, value) pairs of notebook metadata
+
+
+COLAB = Platform(
+    name="colab",
+    filename="run_in_colab.ipynb",
+    title="Google Colab",
+    how_to_run="""\
+1. **GPU**: *Runtime → Change runtime type → T4 GPU* (this notebook asks for one already).
+2. **Your code**: upload your homework folder (the one holding `diffusion.py`, `unet.py`, `utils.py`,
+   `requirements.txt`) with the *Files* pane into `/content`, or keep it on Google Drive in `DRIVE_FOLDER`,
+   or set `REPO_URL` to your own git copy. The code cell finds it in any of these places.
+3. **Data**: upload the course data zip (to `/content` or `DRIVE_FOLDER`, or set `DATA_SOURCE`); without one
+   the data cell downloads AFHQ and builds the 36×36 copy with `data/prepare_afhq.py --download`.
+4. **wandb (optional)**: add your API key as a Colab secret named `WANDB_API_KEY` (key icon in the left bar,
+   turn on *Notebook access*). Without it, runs are logged offline (`wandb sync` uploads them later).
+5. Edit the **parameters** cell, then *Runtime → Run all*.""",
+    resume_note="""\
+With `USE_DRIVE = True` the outputs go to `DRIVE_FOLDER/results` on your Google Drive, so they survive a
+recycled runtime; otherwise they live in the runtime's `results/` folder and are lost when Colab recycles it.""",
+    settings='''\
+USE_DRIVE = True                               # keep results/ on Google Drive so a recycled runtime can resume
+DRIVE_FOLDER = "/content/drive/MyDrive/ddpm"   # your folder on Drive (code and/or data zip may live here too)
+CODE_DIR = "/content/ddpm"                     # where REPO_URL is cloned if the code is not found
+REPO_URL = ""                                  # optional: git URL of your copy of the homework code
+DATA_SOURCE = ""                               # optional: the course data zip or an AFHQ folder; "" = search''',
+    save_folder='os.path.join(DRIVE_FOLDER, "results") if USE_DRIVE else "./results"',
+    data_path='"./data/train"',
+    code_search='[os.getcwd(), CODE_DIR, "/content", DRIVE_FOLDER]',
+    data_search='[".", "/content", DRIVE_FOLDER]',
+    secret_getter='''\
+    from google.colab import userdata  # Colab secrets (key icon in the left bar)
+
+    return userdata.get(name)''',
+    gpu_hint="Runtime → Change runtime type → T4 GPU, then run all cells again",
+    extra_cells=(
+        ("drive", "code", '''\
+# ===== Google Drive (optional): keeps results/ across disconnects =====
+if USE_DRIVE and not SMOKE:
+    try:
+        from google.colab import drive
+
+        drive.mount("/content/drive")
+        os.makedirs(DRIVE_FOLDER, exist_ok=True)
+        print("Google Drive mounted; results go to", args["save_folder"])
+    except Exception as error:  # not on Colab, or access refused
+        args["save_folder"] = "./results"
+        print(f"Google Drive not mounted ({error}); results stay in this runtime's ./results")
+else:
+    print("Google Drive not used")'''),
+    ),
+    metadata=(("accelerator", "GPU"), ("colab", {"gpuType": "T4", "provenance": []})),
+)
+
+KAGGLE = Platform(
+    name="kaggle",
+    filename="run_in_kaggle.ipynb",
+    title="Kaggle",
+    how_to_run="""\
+1. **GPU and internet**: in the notebook's *Settings* (right panel) set *Accelerator* to a GPU (T4 or P100)
+   and turn *Internet on* (needs a phone-verified account). Internet is only needed to install missing
+   packages, to clone `REPO_URL`, to download the data, and for online wandb.
+2. **Your code**: *Add Input → Upload* your homework folder as a dataset (it appears under `/kaggle/input`,
+   read-only, and is copied to `CODE_DIR`), or set `REPO_URL` to your own git copy.
+3. **Data**: *Add Input* the course data (zip or folder) as a dataset; the data cell finds it under
+   `/kaggle/input` (set `DATA_SOURCE` to pick one). Without it the data cell downloads AFHQ (internet on).
+4. **wandb (optional)**: *Add-ons → Secrets*, add `WANDB_API_KEY` and tick it for this notebook. Without it,
+   runs are logged offline (`wandb sync` uploads them later).
+5. Edit the **parameters** cell, then *Run All*.""",
+    resume_note="""\
+Outputs go to `/kaggle/working/results`. They last as long as the session; set *Settings → Persistence →
+Files* to keep them across sessions, or *Save Version* to keep them as the notebook's output.""",
+    settings='''\
+CODE_DIR = "/kaggle/working/ddpm"  # where the code is copied (from /kaggle/input) or REPO_URL cloned
+REPO_URL = ""                      # optional: git URL of your copy of the homework code (internet on)
+DATA_SOURCE = ""                   # optional: the data zip or AFHQ folder under /kaggle/input; "" = search''',
+    save_folder='"/kaggle/working/results"',
+    data_path='"/kaggle/working/data/train"',
+    code_search='["/kaggle/input", os.getcwd(), CODE_DIR]',  # the input first: its copy in CODE_DIR may be stale
+    data_search='["/kaggle/input", "."]',
+    secret_getter='''\
+    from kaggle_secrets import UserSecretsClient  # Add-ons -> Secrets
+
+    return UserSecretsClient().get_secret(name)''',
+    gpu_hint="Settings → Accelerator → GPU, then run all cells again",
+    metadata=(("kaggle", {"accelerator": "gpu", "isGpuEnabled": True, "isInternetEnabled": True,
+                          "language": "python", "sourceType": "notebook", "dataSources": []}),),
+)
+
+PLATFORMS = {p.name: p for p in (COLAB, KAGGLE)}
+
+# ------------------------------------------------------------------------------------------------ cells
+
+INTRO = """\
+# DDPM homework on $title: 32×32 AFHQ cat faces
+
+This notebook trains the homework's small U-Net DDPM (your `diffusion.py` and `unet.py`) on 32×32 cat faces
+from AFHQ and shows the figures the handout asks for:
+
+| Handout | Figure | File in `save_folder` |
+|---|---|---|
+| 7.1 | training loss curve | `loss.png` |
+| 7.2 | FID curve (needs `fid=True`) | `fid.png` |
+| 7.3 | generated samples (latest grid) | `samples/sample-<step>.png` |
+| 7.4 | forward diffusion | `forward_diffusion.png` |
+| 7.5 | backward diffusion (sampling) | `backward_diffusion.png` |
+
+### How to run
+$how_to_run
+
+### Disconnected?
+Run all cells again: training resumes from `checkpoint.pt` in `save_folder` and continues up to
+`train_steps` (set `fresh=True` to start over instead). $resume_note
+"""
+
+PARAMETERS = '''\
+# ===== Parameters: the one cell to edit =====
+import os
+
+$settings
+
+args = dict(
+    # data and outputs
+    data_path=$data_path,  # folder holding cat/ dog/ wild/ (the data cell fills it if missing)
+    data_class="cat",
+    save_folder=$save_folder,
+    # training (handout table 2). Recommended per question:
+    #   7.1 loss curve, 7.3 samples: train_steps=1000, save_and_sample_every=100, fid=False
+    #   7.2 FID curve:               train_steps=10000, save_and_sample_every=1000, fid=True
+    #   full run (best samples):     train_steps=10000, save_and_sample_every=1000
+    train_steps=1000,  # total optimizer steps, resumed ones included
+    save_and_sample_every=100,  # steps between checkpoints, sample grids (and FID evaluations)
+    fid=False,  # True for question 7.2 (each evaluation samples fid_num_samples images)
+    fid_num_samples=1000,
+    time_steps=50,
+    batch_size=32,
+    grad_accum=2,
+    learning_rate=1e-3,
+    # model (handout table 3)
+    unet_dim=16,
+    unet_dim_mults=(1, 2, 4, 8),
+    # this kit
+    device="auto",  # cuda > mps > cpu
+    wandb="auto",  # auto: online if a WANDB_API_KEY is found below, else offline; or "disabled"
+    fresh=False,  # True: ignore the checkpoint in save_folder and start over
+    seed=0,
+)
+
+# Headless test mode (the test suite sets DDPM_SMOKE=1): a few CPU steps, no installs, no network, outputs in a
+# temporary folder. Real images from ../shared/afhq36 when that folder exists, else generated ones.
+SMOKE = os.environ.get("DDPM_SMOKE") == "1"
+if SMOKE:
+    import tempfile
+
+    smoke_dir = os.environ.get("DDPM_SMOKE_DIR") or tempfile.mkdtemp(prefix="ddpm-smoke-")
+    shared_data = os.path.join("..", "shared", "afhq36", "train")
+    args.update(  # two milestones, so that the curves have two points; 10 diffusion steps keep sampling quick
+        train_steps=2, save_and_sample_every=1, batch_size=8, time_steps=10, fid=True, fid_extractor="tiny",
+        fid_num_samples=8, sample_grid_size=4, log_every=1, dataloader_workers=2, device="cpu", wandb="disabled",
+        save_folder=os.path.join(smoke_dir, "results"),
+    )
+    if os.path.isdir(shared_data):
+        args["data_path"] = shared_data
+    else:
+        args["smoke"] = True
+    print("smoke mode:", args)'''
+
+CODE = '''\
+# ===== Your homework code: found here, copied from a read-only input, or cloned from REPO_URL =====
+import importlib.metadata
+import importlib.util
+import shutil
+import subprocess
+import sys
+import tempfile
+
+NOT_SEARCHED = {"drive", "sample_data", "results", "wandb", "__pycache__", "site-packages", "node_modules"}
+LEAVES = {"train", "val"}  # image folders: listed, never entered
+
+
+def walk_dirs(roots, depth):
+    """Folders under roots, breadth-first, at most depth levels down (skipping hidden and bulky ones)."""
+    for root in roots:
+        level = [root] if root and os.path.isdir(root) else []
+        for _ in range(depth + 1):
+            yield from level
+            below = []
+            for folder in level:
+                if os.path.basename(folder) in LEAVES:
+                    continue
+                try:
+                    names = sorted(os.listdir(folder))
+                except OSError:
+                    continue
+                below += [os.path.join(folder, n) for n in names
+                          if not n.startswith(".") and n not in NOT_SEARCHED and os.path.isdir(os.path.join(folder, n))]
+            level = below
+
+
+def find_code(roots):
+    for folder in walk_dirs(roots, depth=3):
+        if all(os.path.isfile(os.path.join(folder, f)) for f in ("diffusion.py", "utils.py", "requirements.txt")):
+            return os.path.abspath(folder)
+    return None
+
+
+def missing_requirements(path="requirements.txt"):
+    """Lines of requirements.txt that are not installed (or installed at a version the line excludes).
+    torch and torchvision are never replaced once importable: the platform's CUDA build must stay."""
+    from packaging.requirements import Requirement
+
+    missing = []
+    for line in open(path):
+        line = line.split("#")[0].strip()
+        if not line:
+            continue
+        requirement = Requirement(line)
+        try:
+            installed = importlib.metadata.version(requirement.name)
+        except importlib.metadata.PackageNotFoundError:
+            keep_torch = requirement.name == "torchvision" and importlib.util.find_spec("torch") is not None
+            missing.append(requirement.name if keep_torch else line)  # a torchvision that fits this torch
+            continue
+        if requirement.name not in ("torch", "torchvision") and not requirement.specifier.contains(installed, True):
+            missing.append(line)
+    return missing
+
+
+code_search = $code_search
+code = find_code(code_search)
+if code is None and REPO_URL and not SMOKE:
+    subprocess.run(["git", "clone", "--depth", "1", REPO_URL, CODE_DIR], check=True)
+    code = CODE_DIR
+if code is None:
+    raise FileNotFoundError("The homework code (diffusion.py, utils.py, requirements.txt) was not found in "
+                            f"{code_search}: upload it, or set REPO_URL in the parameters cell.")
+if not os.access(code, os.W_OK):  # a read-only input: work on a copy
+    shutil.copytree(code, CODE_DIR, dirs_exist_ok=True, ignore=shutil.ignore_patterns("results", "wandb", "*.zip"))
+    code = CODE_DIR
+os.chdir(code)
+if code not in sys.path:
+    sys.path.insert(0, code)
+print("homework code:", code)'''
+
+PACKAGES = '''\
+# ===== Packages: install only what requirements.txt lists and this machine lacks =====
+if SMOKE:
+    print("smoke mode: no installs")
+else:
+    missing = missing_requirements()
+    if missing:
+        print("installing:", " ".join(missing))
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as constraints:  # keep torch as is
+            for name in ("torch", "torchvision"):
+                if importlib.util.find_spec(name) is not None:
+                    constraints.write(f"{name}=={importlib.metadata.version(name)}\\n")
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-c", constraints.name, *missing], check=True)
+    else:
+        print("all requirements already installed")
+
+import torch
+
+import utils
+
+print(f"torch {torch.__version__}; utils from {utils.__file__}")
+if torch.cuda.is_available():
+    print("GPU:", torch.cuda.get_device_name(0))
+elif not SMOKE:
+    print("No GPU visible: training will be very slow. $gpu_hint.")'''
+
+DATA = '''\
+# ===== Data: AFHQ 36x36 images in <data_path>/<class>/ =====
+import glob
+import zipfile
+
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+classes = ["cat", "dog", "wild"] if args["data_class"] == "all" else [args["data_class"]]
+
+
+def images(folder):
+    return sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS)) if os.path.isdir(folder) else []
+
+
+def ready(train):
+    return all(images(os.path.join(train, c)) for c in classes)
+
+
+def small_images(train):  # the course's 36x36 copy can be used as it is; full-size AFHQ is rebuilt
+    folder = os.path.join(train, classes[0])
+    with Image.open(os.path.join(folder, images(folder)[0])) as image:
+        return max(image.size) <= 64
+
+
+def afhq_zip(path):
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(f"train/{classes[0]}/" in name for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+if SMOKE:
+    print("smoke mode: data from", "generated images" if args.get("smoke") else args["data_path"])
+elif ready(args["data_path"]):
+    print("data:", args["data_path"])
+else:
+    roots = [DATA_SOURCE] if DATA_SOURCE else $data_search
+    source = DATA_SOURCE if DATA_SOURCE and os.path.isfile(DATA_SOURCE) else None
+    folders = [] if source else [d for d in walk_dirs(roots, depth=4) if os.path.basename(d) == "train" and ready(d)]
+    if folders and small_images(folders[0]):
+        args["data_path"] = folders[0]
+    elif folders:
+        source = os.path.dirname(folders[0])
+    elif not source:
+        zips = [z for d in walk_dirs(roots, depth=2) for z in sorted(glob.glob(os.path.join(d, "*.zip"))) if afhq_zip(z)]
+        source = zips[0] if zips else None
+    if not ready(args["data_path"]):  # build it with the data tool (reads the zip in place; resumes if interrupted)
+        train = os.path.normpath(args["data_path"])
+        out = os.path.dirname(train) if os.path.basename(train) == "train" else "data"
+        command = [sys.executable, "data/prepare_afhq.py", "--out", out, "--splits", "train", "--classes", *classes]
+        command += ["--source", source] if source else ["--download"]
+        print("running:", " ".join(command))
+        subprocess.run(command, check=True)
+        args["data_path"] = os.path.join(out, "train")
+    print("data:", args["data_path"])'''
+
+WANDB = '''\
+# ===== Weights & Biases (optional): online with a WANDB_API_KEY, else offline =====
+def platform_secret(name):
+$secret_getter
+
+
+if SMOKE:
+    print("smoke mode: wandb", args["wandb"])
+elif args["wandb"] == "auto":
+    key = os.environ.get("WANDB_API_KEY")
+    if not key:
+        try:
+            key = platform_secret("WANDB_API_KEY")
+        except Exception as error:  # no such secret, access not granted, or not on this platform
+            print(f"no WANDB_API_KEY secret ({type(error).__name__}: {error})")
+    if key:
+        os.environ["WANDB_API_KEY"] = key.strip()
+    args["wandb"] = "online" if key else "offline"
+    print("wandb:", args["wandb"], "" if key else "(logs stay in ./wandb; upload them later with `wandb sync`)")
+else:
+    print("wandb:", args["wandb"])'''
+
+TRAIN_NOTE = """\
+## Train
+Re-run the next cell after a disconnect (after the cells above): it resumes from `checkpoint.pt`. Samples,
+the loss curve (and the FID curve with `fid=True`) are saved every `save_and_sample_every` steps."""
+
+TRAIN = '''\
+print("options:", args)
+summary = utils.train_diffusion(**args)
+summary'''
+
+CURVES = '''\
+# ===== Figures 7.1-7.3: loss curve, FID curve, latest samples =====
+import re
+
+from IPython.display import Image as ShowImage, Markdown, display
+
+
+def show(path, title):
+    if path and os.path.isfile(path):
+        display(Markdown(f"**{title}**: `{path}`"))
+        display(ShowImage(filename=path))
+    else:
+        print(f"{title}: no figure yet ({path})")
+
+
+def latest_sample(folder):
+    grids = glob.glob(os.path.join(folder, "samples", "sample-*.png"))
+    return max(grids, key=lambda p: int(re.findall(r"\\d+", os.path.basename(p))[-1]), default=None)
+
+
+show(os.path.join(args["save_folder"], "loss.png"), "7.1 training loss")
+if args["fid"]:
+    show(os.path.join(args["save_folder"], "fid.png"), "7.2 FID")
+else:
+    print("7.2 FID: set fid=True in the parameters cell and train again (it resumes) to draw the FID curve")
+show(latest_sample(args["save_folder"]), "7.3 samples (latest)")'''
+
+DIFFUSION_FIGURES = '''\
+# ===== Figures 7.4 and 7.5: forward and backward diffusion of the trained model =====
+figures = utils.visualize_diffusion(**{**args, "load_path": os.path.join(args["save_folder"], "checkpoint.pt")})
+show(figures["forward_diffusion"], "7.4 forward diffusion")
+show(figures["backward_diffusion"], "7.5 backward diffusion")'''
+
+OUTRO = """\
+## Keeping your results
+Everything is in `save_folder`: `checkpoint.pt` (to resume or to visualize later with `load_path`),
+`metrics.csv`, `loss.png`, `fid.png`, `samples/`, `forward_diffusion.png`, `backward_diffusion.png`.
+$resume_note"""
+
+CELLS = (
+    ("intro", "markdown", INTRO),
+    ("parameters", "code", PARAMETERS),
+    ("extra", None, None),  # the platform's extra_cells go here
+    ("code", "code", CODE),
+    ("packages", "code", PACKAGES),
+    ("data", "code", DATA),
+    ("wandb", "code", WANDB),
+    ("train-note", "markdown", TRAIN_NOTE),
+    ("train", "code", TRAIN),
+    ("curves", "code", CURVES),
+    ("diffusion-figures", "code", DIFFUSION_FIGURES),
+    ("outro", "markdown", OUTRO),
+)
+
+
+def new_cell(cell_id, kind, source):
+    cell = nbformat.v4.new_markdown_cell(source) if kind == "markdown" else nbformat.v4.new_code_cell(source)
+    cell.id = cell_id  # fixed ids: rebuilding unchanged sources gives the same file
+    return cell
+
+
+def build(platform):
+    """The notebook of one platform, as an nbformat NotebookNode without outputs."""
+    slots = {name: getattr(platform, name) for name in platform.__dataclass_fields__}
+    cells = []
+    for cell_id, kind, template in CELLS:
+        if kind is None:
+            cells += [new_cell(*extra) for extra in platform.extra_cells]
+        else:
+            cells.append(new_cell(cell_id, kind, Template(template).substitute(slots).strip()))
+    notebook = nbformat.v4.new_notebook(cells=cells)
+    notebook.metadata.update({
+        "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+        "language_info": {"name": "python"},
+        **dict(platform.metadata),
+    })
+    nbformat.validate(notebook)
+    return notebook
+
+
+def render(platform):
+    return nbformat.writes(build(platform)) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="only report notebooks that differ from the sources")
+    check = parser.parse_args(argv).check
+    stale = []
+    for platform in PLATFORMS.values():
+        path = REPO / platform.filename
+        text = render(platform)
+        if path.exists() and path.read_text() == text:
+            continue
+        stale.append(platform.filename)
+        if not check:
+            path.write_text(text)
+    verb = "out of date (run python tools/build_notebooks.py)" if check else "written"
+    print(f"{', '.join(stale)}: {verb}" if stale else "notebooks up to date")
+    return 1 if check and stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
