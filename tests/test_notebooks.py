@@ -3,7 +3,6 @@ runnable top to bottom in a real Jupyter kernel in their smoke configuration (DD
 no installs, no network), producing every handout figure (7.1-7.5) inline and on disk."""
 import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
