@@ -54,10 +54,11 @@ def test_notebook_matches_its_generator(name):
 
 @pytest.fixture(scope="module")
 def kernel_specs(tmp_path_factory):
-    """A python3 kernelspec that runs this interpreter (the venv's), whatever other python3 specs are installed."""
-    folder = tmp_path_factory.mktemp("kernels")
+    """A python3 kernelspec that runs this interpreter (the venv's), whatever other python3 specs are installed.
+    Laid out as a Jupyter data folder (kernels/python3/kernel.json) so JUPYTER_PATH can point at it too."""
+    folder = tmp_path_factory.mktemp("jupyter") / "kernels"
     spec = folder / "python3"
-    spec.mkdir()
+    spec.mkdir(parents=True)
     (spec / "kernel.json").write_text(json.dumps({
         "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         "display_name": "Python 3 (test)",
@@ -71,22 +72,34 @@ def image_outputs(notebook):
             if output.output_type == "display_data" and "image/png" in output.get("data", {})]
 
 
-def execute_smoke(name, repo, tmp_path, monkeypatch, kernel_specs):
-    """Run the notebook in `repo` (the kernel's working directory) as `DDPM_SMOKE=1 jupyter nbconvert --execute`
-    would, and check that every handout figure was written to disk and shown inline."""
+def execute_smoke(name, repo, tmp_path, monkeypatch, kernel_specs, with_nbconvert=False):
+    """Run the notebook in `repo` (the kernel's working directory) with DDPM_SMOKE=1, through nbclient or through
+    the `jupyter nbconvert --execute --to notebook` command itself, and check that every handout figure was
+    written to disk and shown inline."""
     monkeypatch.setenv("DDPM_SMOKE", "1")
     monkeypatch.setenv("DDPM_SMOKE_DIR", str(tmp_path))
     monkeypatch.setenv("DDPM_CACHE_DIR", str(tmp_path / "cache"))  # FID statistics: not in the home folder
     monkeypatch.setenv("WANDB_MODE", "disabled")  # belt and braces: the smoke config disables wandb already
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # CPU torch with 2+ threads crawls on a busy CI machine
-    notebook = nbformat.read(repo / name, as_version=4)
-    client = nbclient.NotebookClient(
-        notebook, timeout=CELL_TIMEOUT_S, kernel_name="python3",
-        km=KernelManager(kernel_name="python3", kernel_spec_manager=kernel_specs),
-        resources={"metadata": {"path": str(repo)}},
-    )
     start = time.monotonic()
-    client.execute()  # raises CellExecutionError, naming the cell and its traceback, on any cell error
+    if with_nbconvert:
+        monkeypatch.setenv("JUPYTER_PATH", str(Path(kernel_specs.kernel_dirs[0]).parent))
+        executed = tmp_path / "executed.ipynb"
+        result = subprocess.run(
+            [sys.executable, "-m", "jupyter", "nbconvert", "--execute", "--to", "notebook", "--output",
+             str(executed), f"--ExecutePreprocessor.timeout={CELL_TIMEOUT_S}", str(repo / name)],
+            cwd=repo, capture_output=True, text=True, timeout=3 * CELL_TIMEOUT_S,
+        )
+        assert result.returncode == 0, f"jupyter nbconvert --execute failed on {name}:\n{result.stderr[-3000:]}"
+        notebook = nbformat.read(executed, as_version=4)
+    else:
+        notebook = nbformat.read(repo / name, as_version=4)
+        client = nbclient.NotebookClient(
+            notebook, timeout=CELL_TIMEOUT_S, kernel_name="python3",
+            km=KernelManager(kernel_name="python3", kernel_spec_manager=kernel_specs),
+            resources={"metadata": {"path": str(repo)}},
+        )
+        client.execute()  # raises CellExecutionError, naming the cell and its traceback, on any cell error
     elapsed = time.monotonic() - start
     assert elapsed < 120, f"{name} took {elapsed:.0f} s in smoke mode (budget 120 s)"
 
@@ -110,7 +123,8 @@ def test_notebook_runs_top_to_bottom_in_smoke_mode(name, tmp_path, monkeypatch, 
 
 @pytest.mark.timeout(300)
 def test_notebook_runs_in_smoke_mode_without_shared_data(tmp_path, monkeypatch, kernel_specs):
-    """In a copy of the repository with no ../shared beside it (as in CI): the trainer's generated images."""
+    """In a copy of the repository with no ../shared beside it: the trainer's generated images. Run with the
+    `DDPM_SMOKE=1 jupyter nbconvert --execute --to notebook` command that students and the issue name."""
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                             capture_output=True)
     if listed.returncode:
@@ -121,7 +135,7 @@ def test_notebook_runs_in_smoke_mode_without_shared_data(tmp_path, monkeypatch, 
             (repo / relative).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / relative, repo / relative)
     assert not (repo.parent / "shared").exists()
-    execute_smoke("run_in_kaggle.ipynb", repo, tmp_path / "out", monkeypatch, kernel_specs)
+    execute_smoke("run_in_kaggle.ipynb", repo, tmp_path / "out", monkeypatch, kernel_specs, with_nbconvert=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
