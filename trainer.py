@@ -285,6 +285,16 @@ def plot_curve(points, ylabel, path, smooth=True):
 # Trainer
 
 
+def cpu_has_native_bf16():
+    """x86 CPUs with AVX512-BF16 or AMX run bf16 matrix math natively (read from Linux's /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
 class Trainer:
     def __init__(self, cfg: Config, for_training=True):
         if cfg.smoke:
@@ -348,9 +358,11 @@ class Trainer:
     def _amp_dtype(self):
         choice = self.cfg.amp
         if choice == "auto":
-            if self.device.type != "cuda":
-                return None  # CPU autocast is slower than fp32 for this model; MPS support is partial
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            if self.device.type == "cuda":
+                return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16  # fp16: T4 and older
+            if self.device.type == "cpu" and cpu_has_native_bf16():
+                return torch.bfloat16  # about 1.9x faster steps here, same loss curve (bench/RESULTS.md)
+            return None  # emulated bf16 is slower than fp32 on other CPUs; MPS autocast support is partial
         if choice == "off":
             return None
         if self.device.type == "cpu" and choice == "fp16":

@@ -69,7 +69,7 @@ class Config:
     sample_grid_size: int = option(64, "images in each saved sample grid (a square number)")
     log_every: int = option(50, "steps between loss read-backs from the device (every step is still logged)")
     amp: str = option(
-        "auto", "mixed precision: auto = bf16 on Ampere+, fp16 on older CUDA GPUs, off on CPU/MPS",
+        "auto", "mixed precision: auto = bf16 on Ampere+ GPUs and bf16-capable CPUs, fp16 on older GPUs, else off",
         choices=("auto", "bf16", "fp16", "off"),
     )
     compile: bool = option(False, "torch.compile the U-Net (CUDA; slower start, faster steps)")

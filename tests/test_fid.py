@@ -45,6 +45,15 @@ def test_in_memory_fid_equals_clean_fid_on_folders(tmp_path, real_images):
     assert scorer.score(torch.from_numpy(real_images).permute(0, 3, 1, 2).float() / 255) < 1e-3
 
 
+def test_frechet_distance_equals_clean_fids_on_rank_deficient_statistics():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(200, 512)), rng.normal(size=(200, 512)) * 1.3 + 0.1  # fewer images than features
+    stats_a, stats_b = fid.statistics(a), fid.statistics(b)
+    ours = fid.frechet_distance(stats_a, stats_b, fid.symmetric_sqrt(stats_b[1]))
+    reference = cleanfid_fid.frechet_distance(stats_a[0], stats_a[1], stats_b[0], stats_b[1])
+    assert ours == pytest.approx(reference, rel=1e-6)
+
+
 def test_reference_statistics_are_computed_once_and_cached(tmp_path, real_images, monkeypatch):
     kwargs = dict(extractor_name="tiny", device=torch.device("cpu"), cache_dir=str(tmp_path), cache_key="k")
     first = fid.FIDScorer(real_images, **kwargs)
