@@ -7,6 +7,7 @@ feature extractor in large batches, through clean-fid's own resizer and Frechet 
 equals the folder-based one on the same images.
 """
 import hashlib
+import http.client
 import os
 import platform
 import urllib.request
@@ -44,8 +45,10 @@ def ensure_inception_weights(url=None, timeout=30):
                 while chunk := response.read(1 << 20):
                     out.write(chunk)
                     bar.update(len(chunk))
+        if total is not None and os.path.getsize(tmp) != total:
+            raise OSError(f"the download stopped after {os.path.getsize(tmp)} of {total} bytes")
         os.replace(tmp, path)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, http.client.HTTPException) as error:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise FIDSetupError(

@@ -17,10 +17,14 @@ import typing
 from utils import Config, ConfigError, train_diffusion, visualize_diffusion
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each option; the usage examples kept as written."""
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         description="Train a DDPM on AFHQ and draw its figures (the reference homework kit).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=__doc__.split("\n\n")[1], formatter_class=HelpFormatter,
     )
     hints = typing.get_type_hints(Config)
     for option in dataclasses.fields(Config):
@@ -29,7 +33,7 @@ def build_parser():
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif option.name == "unet_dim_mults":
-            parser.add_argument(flag, type=int, nargs="+", **kwargs)
+            parser.add_argument(flag, type=int, nargs="+", metavar="MULT", **{**kwargs, "default": list(option.default)})
         else:
             base = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Union else kind
             parser.add_argument(flag, type=base, choices=option.metadata.get("choices"), **kwargs)

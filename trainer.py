@@ -9,10 +9,14 @@ fused Adam.
 import contextlib
 import csv
 import dataclasses
+import datetime
 import glob
 import io
 import math
 import os
+import signal
+import threading
+import types
 import uuid
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +47,28 @@ VISUALIZE_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 0.99)  # handout 7.4 / 7.5: points 
 
 class TrainingDiverged(RuntimeError):
     pass
+
+
+@contextlib.contextmanager
+def ctrl_c_stops_after_the_step():
+    """The first Ctrl-C lets the current step (and any sampling or FID under way) finish, so the checkpoint
+    saved next is consistent; a second Ctrl-C stops at once. Works in a terminal and in a Jupyter kernel."""
+    stop = types.SimpleNamespace(requested=False)
+    if threading.current_thread() is not threading.main_thread():
+        yield stop  # signal handlers can only be set from the main thread: plain KeyboardInterrupt there
+        return
+
+    def handler(signum, frame):
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.requested = True
+        tqdm.write("Ctrl-C: saving a checkpoint after this step (press Ctrl-C again to stop at once).")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -89,24 +115,22 @@ class ImageData:
         self.files = [f for f, img in zip(files, decoded) if img is not None]
         self.images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous().to(device)
         self.device = device
-        offsets = torch.arange(image_size, device=device)
-        self._window = offsets  # crop window, shifted per image
+        self._crop_range = torch.arange(image_size, device=device)  # pixel offsets inside a crop
 
     def __len__(self):
         return len(self.images)
 
-    def batch(self, indices, generator=None):
-        """Random crop + flip of the given images, as floats in [-1, 1]. Randomness from `generator` (or the
-        global RNG of the device)."""
+    def batch(self, indices):
+        """Random crop + flip of the given images, as floats in [-1, 1], drawn from the device's global RNG."""
         x = self.images[indices.to(self.device)]
         b = x.shape[0]
         slack = self.load_size - self.image_size
-        offsets = torch.randint(0, slack + 1, (b, 2), device=self.device, generator=generator)
-        rows = (offsets[:, 0, None] + self._window)[:, None, :, None]  # (b, 1, S, 1)
-        cols = (offsets[:, 1, None] + self._window)[:, None, None, :]  # (b, 1, 1, S)
+        offsets = torch.randint(0, slack + 1, (b, 2), device=self.device)
+        rows = (offsets[:, 0, None] + self._crop_range)[:, None, :, None]  # (b, 1, S, 1)
+        cols = (offsets[:, 1, None] + self._crop_range)[:, None, None, :]  # (b, 1, 1, S)
         channels = torch.arange(x.shape[1], device=self.device)[None, :, None, None]
         x = x[torch.arange(b, device=self.device)[:, None, None, None], channels, rows, cols]
-        flip = torch.rand(b, device=self.device, generator=generator) < 0.5
+        flip = torch.rand(b, device=self.device) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         return normalize_to_neg_one_to_one(x.float() / 255)
 
@@ -158,6 +182,10 @@ def make_smoke_data(folder, count=48, size=36, seed=0):
 
 def smoke_config(cfg):
     """--smoke: the whole pipeline, small: generated data, a few steps, sampling, tiny-extractor FID, figures."""
+    checkpoint = os.path.join(cfg.save_folder, CHECKPOINT_NAME)
+    if os.path.isfile(checkpoint) and not os.path.isdir(os.path.join(cfg.save_folder, "smoke_data")):
+        raise ConfigError(f"--smoke would overwrite the training run in {cfg.save_folder!r} ({checkpoint}): "
+                          "pass another folder, e.g. --smoke --save_folder ./smoke_results")
     data_path = make_smoke_data(os.path.join(cfg.save_folder, "smoke_data"))
     return dataclasses.replace(
         cfg, data_path=data_path, data_class="cat", train_steps=4, save_and_sample_every=4, batch_size=8,
@@ -340,7 +368,7 @@ class Trainer:
             with isolated_rng(self.device):  # building an extractor must not shift the training RNG streams
                 self.fid_scorer = self._build_fid_scorer()
         self.logger = WandbLogger(cfg, self.run_id) if self.is_main else None
-        self.model_for_training = self._wrap_for_training()
+        self.model_for_training = self._wrap_for_training() if for_training else self.diffusion
 
     # --- setup ----------------------------------------------------------------------------------------------------
 
@@ -352,14 +380,17 @@ class Trainer:
                 torch.cuda.set_device(local_rank)
                 device = torch.device("cuda", local_rank)
             if not dist.is_initialized():
-                dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+                # the other ranks wait in the next all-reduce while rank 0 samples and scores FID
+                dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                        timeout=datetime.timedelta(hours=2))
         return device
 
     def _amp_dtype(self):
         choice = self.cfg.amp
         if choice == "auto":
             if self.device.type == "cuda":
-                return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16  # fp16: T4 and older
+                native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)  # Ampere and newer
+                return torch.bfloat16 if native_bf16 else torch.float16  # fp16 + GradScaler on a T4
             if self.device.type == "cpu" and cpu_has_native_bf16():
                 return torch.bfloat16  # about 1.9x faster steps here, same loss curve (bench/RESULTS.md)
             return None  # emulated bf16 is slower than fp32 on other CPUs; MPS autocast support is partial
@@ -396,8 +427,10 @@ class Trainer:
     # --- checkpoints ----------------------------------------------------------------------------------------------
 
     def _load_start_checkpoint(self):
-        for stale in glob.glob(os.path.join(self.cfg.save_folder, f".{CHECKPOINT_NAME}.*.tmp")):
-            os.unlink(stale)  # left by a process killed mid-save; the previous checkpoint is intact
+        if self.is_main and self.for_training:  # a save killed midway leaves its temporary file; the checkpoint is intact
+            for stale in glob.glob(os.path.join(self.cfg.save_folder, f".{CHECKPOINT_NAME}.*.tmp")):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(stale)
         path = self.cfg.load_path
         if path is None and os.path.isfile(self.checkpoint_path) and not (self.for_training and self.cfg.fresh):
             path = self.checkpoint_path
@@ -410,21 +443,27 @@ class Trainer:
         self.unet.load_state_dict(state["model"])
         if self.for_training:
             self.optimizer.load_state_dict(state["optimizer"])
-            self.scaler.load_state_dict(state["scaler"])
+            for group in self.optimizer.param_groups:  # the saved flag is the saving device's
+                group["fused"] = self.device.type == "cuda"
+            if state["scaler"]:  # empty when saved without fp16 (CPU, bf16): keep this run's fresh scaler
+                self.scaler.load_state_dict(state["scaler"])
             self.step = state["step"]
             self.losses = [tuple(p) for p in state["metrics"]["loss"]]
             self.fids = [tuple(p) for p in state["metrics"]["fid"]]
             self.run_id = state["wandb_run_id"]
-            if self.rank == 0:  # other ranks keep their own streams (seeded by rank)
+            if self.rank == 0:
                 torch.set_rng_state(state["rng"]["cpu"])
                 if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
                     torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+            else:  # other ranks: fresh streams for this step, not a replay of their first steps
+                torch.manual_seed((self.cfg.seed + self.rank) * 1_000_003 + self.step)
             if self.is_main:
                 print(f"Resuming from {path} at step {self.step} (use --fresh to start over).")
 
     def _read_checkpoint(self, path):
         try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
+            # on the CPU: RNG states must stay there; load_state_dict moves the rest to the parameters' device
+            state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # noqa: BLE001 - any unreadable file gets the same actionable message
             raise ConfigError(f"checkpoint {path!r} could not be read ({type(error).__name__}: {error}); "
                               "pass another --load_path, or --fresh to start over.") from None
@@ -466,12 +505,12 @@ class Trainer:
         start = self.step * per_step + (micro * self.world_size + self.rank) * cfg.batch_size
         return self.data.batch(self.batch_order.indices(start, cfg.batch_size))
 
-    def _flush_losses(self, pending, bar):
+    def _flush_losses(self, pending, bar, across_ranks=True):
         """Read the accumulated per-step losses back from the device (one sync), check them, log them."""
         if not pending:
             return
         values = torch.stack(pending)
-        if self.world_size > 1:
+        if self.world_size > 1 and across_ranks:
             dist.all_reduce(values)
             values /= self.world_size
         values = values.float().cpu().tolist()
@@ -494,40 +533,49 @@ class Trainer:
         cfg = self.cfg
         bar = tqdm(total=cfg.train_steps, initial=self.step, desc="Training", disable=not self.is_main)
         pending = []
-        try:
-            while self.step < cfg.train_steps:
-                self.model_for_training.train()
-                step_loss = torch.zeros((), device=self.device)
-                for micro in range(cfg.grad_accum):
-                    x_0 = self._micro_batch(micro)
-                    last = micro == cfg.grad_accum - 1
-                    sync = self.model_for_training.no_sync() if self.world_size > 1 and not last else contextlib.nullcontext()
-                    with sync, self._autocast():
-                        loss = self.model_for_training(x_0, torch.randn_like(x_0)) / cfg.grad_accum
-                    self.scaler.scale(loss).backward()
-                    step_loss += loss.detach().float()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.step += 1
-                bar.update(1)
-                pending.append(step_loss)
+        with ctrl_c_stops_after_the_step() as stop:
+            try:
+                while self.step < cfg.train_steps and not stop.requested:
+                    self.model_for_training.train()
+                    step_loss = torch.zeros((), device=self.device)
+                    for micro in range(cfg.grad_accum):
+                        x_0 = self._micro_batch(micro)
+                        last = micro == cfg.grad_accum - 1
+                        # under DDP, gradients are all-reduced on the last micro-batch only
+                        no_sync = self.world_size > 1 and not last
+                        with self.model_for_training.no_sync() if no_sync else contextlib.nullcontext():
+                            with self._autocast():
+                                loss = self.model_for_training(x_0, torch.randn_like(x_0)) / cfg.grad_accum
+                        self.scaler.scale(loss).backward()
+                        step_loss += loss.detach().float()
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    pending.append(step_loss)
+                    self.step += 1
+                    bar.update(1)
 
-                milestone = self.step % cfg.save_and_sample_every == 0 or self.step == cfg.train_steps
-                if milestone or len(pending) >= cfg.log_every:
-                    self._flush_losses(pending, bar)
-                if milestone:
-                    self.save_checkpoint()  # first, so a failure in sampling or FID loses no training
-                    self.evaluate()
-        except KeyboardInterrupt:
-            self._flush_losses(pending, bar)
-            self.save_checkpoint()
-            self.write_metrics()
-            bar.close()
-            print(f"\nInterrupted at step {self.step}: checkpoint saved to {self.checkpoint_path}. "
-                  "Re-run the same command to resume.")
-            raise
+                    milestone = self.step % cfg.save_and_sample_every == 0 or self.step == cfg.train_steps
+                    if milestone or len(pending) >= cfg.log_every:
+                        self._flush_losses(pending, bar)
+                    if milestone:
+                        self.save_checkpoint()  # first, so a failure in sampling or FID loses no training
+                        self.evaluate()
+            except KeyboardInterrupt:  # a second Ctrl-C: stop at once, mid-step; the last checkpoint stands
+                bar.close()
+                print(f"\nStopped at once; the last checkpoint ({self.checkpoint_path}) is kept. "
+                      "Re-run the same command to resume from it.")
+                raise
         bar.close()
+        if stop.requested and self.step < cfg.train_steps:
+            # ranks may stop at different steps under torchrun, so no collectives here; rank 0 saves
+            self._flush_losses(pending, bar, across_ranks=False)
+            if self.is_main:
+                self.save_checkpoint()
+                self.write_metrics()
+                print(f"\nInterrupted at step {self.step}: checkpoint saved to {self.checkpoint_path}. "
+                      "Re-run the same command to resume.")
+            raise KeyboardInterrupt
         if self.is_main:
             self.write_metrics()
         return self.summary()

@@ -117,7 +117,6 @@ class Unet(nn.Module):
     def __init__(self, dim, init_dim=None, out_dim=None, dim_mults=(1, 2, 4, 8), channels=3, resnet_block_groups=8):
         super().__init__()
         self.channels = channels
-        self.num_levels = len(dim_mults)
         init_dim = init_dim or dim
         self.out_dim = out_dim or channels
         self.init_conv = nn.Conv2d(channels, init_dim, 7, padding=3)

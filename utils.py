@@ -50,7 +50,9 @@ class Config:
     # handout table 4: evaluation and logging
     fid: bool = option(False, "compute FID against the real images at every save")
     save_and_sample_every: int = option(1000, "steps between checkpoints, sample grids and FID")
-    visualize: bool = option(False, "with --load_path: draw the forward and backward diffusion figures")
+    visualize: bool = option(
+        False, "draw the forward and backward diffusion figures: of --load_path, or after training without it"
+    )
     dataloader_workers: int = option(4, "threads that decode the images once at start-up")
     # this kit's additions
     seed: int = option(0, "random seed: a seeded run is reproducible on the same device")
@@ -60,7 +62,9 @@ class Config:
     )
     wandb_project: str = option("ddpm-afhq", "wandb project name")
     fresh: bool = option(False, "ignore the checkpoint in --save_folder and start over")
-    smoke: bool = option(False, "check the setup: the whole pipeline on a few generated images in under a minute")
+    smoke: bool = option(
+        False, "check the setup: the whole pipeline on a few generated images in --save_folder, in under a minute"
+    )
     fid_num_samples: int = option(1000, "generated images per FID evaluation")
     fid_extractor: str = option(
         "inception", "FID features: clean-fid's Inception, or 'tiny' (a random conv net, for tests only)",

@@ -123,3 +123,10 @@ def test_smoke_runs_the_whole_pipeline(tmp_path):
                  "backward_diffusion.png", os.path.join("samples", "sample-4.png")):
         assert (tmp_path / name).is_file(), name
     assert "fid: " in result.stdout
+
+
+def test_smoke_refuses_to_overwrite_a_real_run(tmp_path, image_folder):
+    utils.train_diffusion(**tiny_args(tmp_path, image_folder, train_steps=1))
+    with pytest.raises(utils.ConfigError, match=r"--smoke would overwrite the training run in .*--save_folder"):
+        utils.train_diffusion(save_folder=str(tmp_path), smoke=True, wandb="disabled")
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 1
