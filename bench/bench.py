@@ -204,7 +204,7 @@ def our_config(args, **overrides):
     return Config(data_path=args.data, data_class="cat", save_folder=os.path.join(args.workdir, "ours"),
                   batch_size=args.batch, grad_accum=ACCUM, image_size=IMAGE_SIZE, unet_dim=DIM, unet_dim_mults=MULTS,
                   time_steps=T, fid=False, save_and_sample_every=BIG, wandb="disabled", device=args.device,
-                  fresh=True, seed=0, **overrides)
+                  amp=args.amp, fresh=True, seed=0, **overrides)
 
 
 def our_trainer(args, **overrides):
@@ -228,27 +228,19 @@ def job_train_ours(args, device):
 
 
 def job_train_pure(args, device):
-    from diffusion import Diffusion
-    from unet import Unet
-
-    torch.manual_seed(0)
-    unet = Unet(dim=DIM, dim_mults=MULTS, channels=3)
-    diffusion = Diffusion(unet, image_size=IMAGE_SIZE, timesteps=T).to(device)
-    optimizer = torch.optim.Adam(unet.parameters(), lr=1e-3, fused=device.type == "cuda")
-    amp = device.type == "cuda"  # what our Trainer does with --amp auto
-    dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
-    x_0 = torch.randn(args.batch, 3, IMAGE_SIZE, IMAGE_SIZE, device=device).clamp(-1, 1)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp and dtype == torch.float16)
+    # the trainer's own model, optimizer, AMP policy and scaler, on synthetic tensors already on the device
+    trainer, _ = our_trainer(args, train_steps=1)
+    x_0 = torch.randn(args.batch, 3, IMAGE_SIZE, IMAGE_SIZE, device=trainer.device).clamp(-1, 1)
 
     def steps(n):
         for _ in range(n):
             for _ in range(ACCUM):
-                with torch.autocast(device.type, dtype=dtype, enabled=amp):
-                    loss = diffusion(x_0, torch.randn_like(x_0)) / ACCUM
-                scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+                with trainer._autocast():
+                    loss = trainer.diffusion(x_0, torch.randn_like(x_0)) / ACCUM
+                trainer.scaler.scale(loss).backward()
+            trainer.scaler.step(trainer.optimizer)
+            trainer.scaler.update()
+            trainer.optimizer.zero_grad(set_to_none=True)
 
     steps(args.warmup_steps)
     times = [timed(lambda: steps(args.steps), device)[0] for _ in range(args.repeats_per_process)]
@@ -425,7 +417,7 @@ def run_child(args, job, repeats):
     result_path = os.path.join(args.workdir, f"{job}.json")
     command = [sys.executable, os.path.abspath(__file__), "--job", job, "--result", result_path,
                "--workdir", args.workdir, "--repeats-per-process", str(repeats)]
-    for name in ("device", "threads", "data", "batch", "steps", "warmup_steps", "sample_count", "sample_batch",
+    for name in ("device", "amp", "threads", "data", "batch", "steps", "warmup_steps", "sample_count", "sample_batch",
                  "fid_samples", "extractor"):
         command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     env = {**os.environ, "TQDM_DISABLE": "1", "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
@@ -579,8 +571,9 @@ def notes(args, info):
         "end-of-run milestone (checkpoint, 64-image sample grid, metrics plot) is stubbed out because it is not "
         "training throughput and the peer's train() has no such step. Peer: its Trainer.train() on the same cat "
         f"folder, its own DataLoader ({os.cpu_count()} workers = cpu_count(), PIL decode + Resize + flip + "
-        "CenterCrop per image per step), grad clipping as it does; amp off on CPU, bf16 on a GPU (ours: its default "
-        "--amp auto).",
+        "CenterCrop per image per step), grad clipping as it does; amp off on CPU (its default), bf16 on a GPU. "
+        f"Ours: --amp {args.amp} (auto = bf16 on a GPU and on CPUs with native bf16, like this bench's AMD EPYC "
+        "with avx512_bf16; --amp off gives the fp32 figures).",
         "peer EMA: ema_update_every=1e9, so its EMA copies the weights once at the first step and afterwards only "
         "counts steps (at its default, every 10 steps, it would add one EMA update of the 2.5 M weights per 10 steps).",
         "peer model: Unet(dim=16, dim_mults=(1,2,4,8)) and GaussianDiffusion(timesteps=50, sampling_timesteps=50, "
@@ -616,6 +609,7 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes, one process per job: the table in < 1 min on CPU")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"), help="our trainer's --amp")
     p.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "afhq36", "train"),
                    help="folder holding cat/ (default ../shared/afhq36/train)")
     p.add_argument("--repeats", type=int, default=3)
