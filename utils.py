@@ -177,6 +177,12 @@ def isolated_rng(device):
         yield
 
 
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path, write):
     """Write through a temporary file in the same folder, then rename: readers see the old or the new file,
     never a partial one, even if the process is killed or the disk fills up mid-write."""
@@ -187,6 +193,7 @@ def atomic_write(path, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes the file private; give it the usual mode
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -71,6 +71,12 @@ def test_a_failing_save_keeps_the_previous_checkpoint(tmp_path, image_folder, mo
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
 
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    mask = utils.current_umask()
+    utils.atomic_write(str(tmp_path / "out.bin"), lambda f: f.write(b"x"))
+    assert (tmp_path / "out.bin").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
 def test_ctrl_c_saves_and_says_how_to_resume(tmp_path, image_folder):
     args = tiny_args(tmp_path, image_folder, train_steps=10_000, save_and_sample_every=5, log_every=5)
     process = start_main(args)
