@@ -27,7 +27,7 @@ STUDENT_FILES = [
     "requirements.txt", "run_in_colab.ipynb", "run_in_kaggle.ipynb", "README.md", "data/README.md",
     "data/prepare_afhq.py",
 ]
-STUDENT_FOLDERS = ["test_fixtures"]
+STUDENT_FOLDERS = ["test_fixtures", "docs"]  # docs: the figures README.md shows
 REQUIRED = ["diffusion.py", "unet.py", "test_diffusion.py", "conftest.py", "test_fixtures"]
 
 HANDOUT_PYTEST_INI = """[pytest]
