@@ -441,16 +441,16 @@ class Trainer:
             return
         state = self._read_checkpoint(path)
         self.unet.load_state_dict(state["model"])
+        self.step = state["step"]
+        self.run_id = state["wandb_run_id"]  # figures and resumed training log to the same wandb run
         if self.for_training:
             self.optimizer.load_state_dict(state["optimizer"])
             for group in self.optimizer.param_groups:  # the saved flag is the saving device's
                 group["fused"] = self.device.type == "cuda"
             if state["scaler"]:  # empty when saved without fp16 (CPU, bf16): keep this run's fresh scaler
                 self.scaler.load_state_dict(state["scaler"])
-            self.step = state["step"]
             self.losses = [tuple(p) for p in state["metrics"]["loss"]]
             self.fids = [tuple(p) for p in state["metrics"]["fid"]]
-            self.run_id = state["wandb_run_id"]
             if self.rank == 0:
                 torch.set_rng_state(state["rng"]["cpu"])
                 if self.device.type == "cuda" and state["rng"].get("cuda") is not None:

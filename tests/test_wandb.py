@@ -71,3 +71,12 @@ def test_wandb_failures_never_stop_training(tmp_path, image_folder, monkeypatch)
     with pytest.warns(UserWarning, match="upload timed out"):
         summary = utils.train_diffusion(**tiny_args(tmp_path / "flaky", image_folder, wandb="offline"))
     assert summary["step"] == 4 and (tmp_path / "flaky" / "checkpoint.pt").is_file()
+
+
+def test_figures_of_a_checkpoint_go_to_its_wandb_run(tmp_path, image_folder, no_wandb_key):
+    utils.train_diffusion(**tiny_args(tmp_path, image_folder, train_steps=2, wandb="offline"))
+    run_id = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))[0].rsplit("-", 1)[-1]
+    utils.visualize_diffusion(**tiny_args(tmp_path, image_folder, wandb="offline",
+                                          load_path=str(tmp_path / "checkpoint.pt")))
+    runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
+    assert len(runs) == 2 and all(r.endswith("-" + run_id) for r in runs), runs
