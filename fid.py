@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from utils import atomic_write
+
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 # clean-fid's own place for the weights; DDPM_INCEPTION_DIR moves it (e.g. to a Drive folder that persists)
@@ -161,8 +163,6 @@ class FIDScorer:
                 return cached["mu"], cached["sigma"]
         mu, sigma = statistics(self.features(real_images, description="FID reference statistics (once)"))
         os.makedirs(os.path.dirname(self.cache_path), exist_ok=True)
-        from utils import atomic_write
-
         atomic_write(self.cache_path, lambda f: np.savez(f, mu=mu, sigma=sigma))
         return mu, sigma
 

@@ -14,6 +14,8 @@ import os
 import sys
 import typing
 
+from fid import FIDSetupError
+from trainer import TrainingDiverged
 from utils import Config, ConfigError, train_diffusion, visualize_diffusion
 
 
@@ -56,14 +58,9 @@ def main(argv=None):
         return 1
     except KeyboardInterrupt:
         return 130
-    except Exception as error:
-        from fid import FIDSetupError
-        from trainer import TrainingDiverged
-
-        if isinstance(error, (FIDSetupError, TrainingDiverged)):
-            print(f"error: {error}", file=sys.stderr)
-            return 1
-        raise
+    except (FIDSetupError, TrainingDiverged) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, one report
         for key, value in result.items():
             print(f"{key}: {value}")

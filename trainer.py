@@ -333,6 +333,7 @@ class Trainer:
         self.rank, self.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         self.is_main = self.rank == 0
         self.device = self._setup_device()
+        self.amp_dtype = self._amp_dtype()  # checks --amp against the device before the data is read
         seed_everything(cfg.seed + self.rank)
         self.checkpoint_path = os.path.join(cfg.save_folder, CHECKPOINT_NAME)
         self.samples_folder = os.path.join(cfg.save_folder, "samples")
@@ -353,7 +354,6 @@ class Trainer:
 
         self.unet = Unet(dim=cfg.unet_dim, dim_mults=cfg.unet_dim_mults, channels=3)
         self.diffusion = Diffusion(self.unet, image_size=cfg.image_size, timesteps=cfg.time_steps).to(self.device)
-        self.amp_dtype = self._amp_dtype()
         self.optimizer = torch.optim.Adam(self.unet.parameters(), lr=cfg.learning_rate,
                                           fused=self.device.type == "cuda")
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)

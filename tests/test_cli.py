@@ -57,6 +57,7 @@ def expect_config_error(match, tmp_path, data_path, **overrides):
         (dict(load_path="nowhere/checkpoint.pt"), r"--load_path 'nowhere/checkpoint.pt': no such checkpoint"),
         (dict(sample_grid_size=10), r"--sample_grid_size 10: must be a square"),
         (dict(batch_size=64), r"--batch_size 64 is larger than the 48 usable images"),
+        (dict(amp="fp16"), r"--amp fp16 needs a GPU"),
         (dict(device="cuda") if not torch.cuda.is_available() else dict(device="tpu"), r"--device"),
     ],
 )
