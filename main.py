@@ -14,9 +14,7 @@ import os
 import sys
 import typing
 
-from fid import FIDSetupError
-from trainer import TrainingDiverged
-from utils import Config, ConfigError, train_diffusion, visualize_diffusion
+from utils import Config, ConfigError, FIDSetupError, TrainingDiverged, train_diffusion, visualize_diffusion
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

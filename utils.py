@@ -1,30 +1,25 @@
-"""Glue shared by main.py, the notebooks and the tests.
+"""The front door: what main.py and the notebooks call.
 
 `Config` is the one source of truth for every option and its default: main.py builds its command line from
 it, and `train_diffusion(**args)` / `visualize_diffusion(**args)` take the same names (the notebooks call them).
+Options are validated here, before any long work starts; the Trainer (trainer.py) and its machinery (kit/)
+stand below this file.
 """
-import contextlib
 import dataclasses
 import math
 import os
-import random
-import tempfile
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
-import numpy as np
-import torch
+from kit.checkpoints import CHECKPOINT_NAME
+from kit.data import DATA_CLASSES, make_smoke_data
+from kit.device import select_device
+from kit.errors import ConfigError, FIDSetupError, TrainingDiverged
+from kit.files import check_writable
+from trainer import Trainer
 
-DATA_CLASSES = ("cat", "dog", "wild", "all")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-DATA_HELP = (
-    "Get the data with `python data/prepare_afhq.py --download` (or unzip the course's data zip so that "
-    "data/train/cat/*.jpg exists), then pass --data_path to the folder holding cat/ dog/ wild/. See data/README.md."
-)
-
-
-class ConfigError(ValueError):
-    """Bad user input, found before any long work starts. The message names the value and the fix."""
+__all__ = ["Config", "ConfigError", "FIDSetupError", "TrainingDiverged", "select_device", "train_diffusion",
+           "visualize_diffusion"]
 
 
 def option(default, help, **kwargs):
@@ -133,98 +128,34 @@ def validate_config(cfg: Config):
     check_writable(cfg.save_folder)
 
 
-def check_writable(folder):
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
-    except OSError as error:
-        raise ConfigError(
-            f"--save_folder {folder!r} is not writable ({error.strerror}): choose a folder you can write to."
-        ) from None
+def smoke_config(cfg):
+    """--smoke: the whole pipeline, small: generated data, a few steps, sampling, tiny-extractor FID, figures."""
+    check_writable(cfg.save_folder)  # the smoke data goes there
+    checkpoint = os.path.join(cfg.save_folder, CHECKPOINT_NAME)
+    if os.path.isfile(checkpoint) and not os.path.isdir(os.path.join(cfg.save_folder, "smoke_data")):
+        raise ConfigError(f"--smoke would overwrite the training run in {cfg.save_folder!r} ({checkpoint}): "
+                          "pass another folder, e.g. --smoke --save_folder ./smoke_results")
+    data_path = make_smoke_data(os.path.join(cfg.save_folder, "smoke_data"))
+    return dataclasses.replace(
+        cfg, data_path=data_path, data_class="cat", train_steps=4, save_and_sample_every=4, batch_size=8,
+        fid=True, fid_extractor="tiny", fid_num_samples=16, sample_grid_size=16, visualize=True, log_every=2,
+        fresh=True, load_path=None, smoke=False,
+    )
 
 
-def select_device(name="auto"):
-    """cuda > mps > cpu for 'auto'; an explicit choice must be available."""
-    mps_available = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if mps_available else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA GPU is visible to PyTorch. Use --device auto or cpu, "
-                          "or install a CUDA build of torch on a GPU machine.")
-    if name == "mps" and not mps_available:
-        raise ConfigError("--device mps: Apple's MPS backend is not available here. Use --device auto or cpu.")
-    if name not in ("cuda", "mps", "cpu"):
-        raise ConfigError(f"--device {name!r}: choose auto, cuda, mps or cpu.")
-    return torch.device(name)
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-@contextlib.contextmanager
-def isolated_rng(device):
-    """Run a block (sampling, FID, figures) without moving the training RNG streams, so that where the
-    samples are drawn does not change the training run (and resumed runs stay bit-identical)."""
-    accelerated = device.type != "cpu"
-    devices = [device.index or 0] if accelerated else []
-    with torch.random.fork_rng(devices=devices, device_type=device.type if accelerated else "cuda"):
-        yield
-
-
-def current_umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path, write):
-    """Write through a temporary file in the same folder, then rename: readers see the old or the new file,
-    never a partial one, even if the process is killed or the disk fills up mid-write."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes the file private; give it the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def list_images(data_path, data_class):
-    """Image files for a class ('all' = every class folder). Raises ConfigError naming the fix."""
-    if not os.path.isdir(data_path):
-        raise ConfigError(f"--data_path {data_path!r}: no such folder. {DATA_HELP}")
-    classes = [c for c in DATA_CLASSES if c != "all"] if data_class == "all" else [data_class]
-    files = []
-    for name in classes:
-        folder = os.path.join(data_path, name)
-        if os.path.isdir(folder):
-            files += sorted(
-                os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS)
-            )
-    if not files:
-        looked = ", ".join(os.path.join(data_path, c) for c in classes)
-        raise ConfigError(f"--data_path {data_path!r} has no .jpg/.png images for --data_class {data_class} "
-                          f"(looked in {looked}). {DATA_HELP}")
-    return files
+def checked_config(args):
+    """Config from keyword options, with --smoke applied, validated. Raises ConfigError naming the fix."""
+    cfg = Config.from_args(**args)
+    if cfg.smoke:
+        cfg = smoke_config(cfg)
+    validate_config(cfg)
+    return cfg
 
 
 def train_diffusion(**args):
-    """Train (or resume) with the given options; returns a summary dict (see Trainer.train)."""
-    from trainer import Trainer
-
-    trainer = Trainer(Config.from_args(**args))
+    """Train (or resume) with the given options; returns a summary dict (see Trainer.summary)."""
+    cfg = checked_config(args)
+    trainer = Trainer(cfg)
     try:
         summary = trainer.train()
         if trainer.cfg.visualize:
@@ -236,10 +167,7 @@ def train_diffusion(**args):
 
 def visualize_diffusion(**args):
     """Forward and backward diffusion figures (handout 7.4, 7.5) for a trained checkpoint."""
-    from trainer import Trainer
-
-    args = {**args, "visualize": True}
-    trainer = Trainer(Config.from_args(**args), for_training=False)
+    trainer = Trainer(checked_config({**args, "visualize": True}), for_training=False)
     try:
         return trainer.visualize()
     finally:

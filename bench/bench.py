@@ -181,7 +181,7 @@ class RandomInception(torch.nn.Module):
 
 def load_extractor(args, device):
     if args.extractor == "tiny":
-        from fid import TinyExtractor
+        from kit.fid import TinyExtractor
 
         return TinyExtractor().to(device).eval()
     model = RandomInception()
@@ -301,7 +301,7 @@ def job_sample_peer(args, device):
 
 
 def job_fid_ours(args, device):
-    import fid
+    from kit import fid
 
     extractor = load_extractor(args, device)
     fid.build_extractor = lambda name, device: extractor  # FIDScorer builds its extractor through this
@@ -322,7 +322,7 @@ def job_fid_folder(args, device):
     from cleanfid import fid as cleanfid
     from PIL import Image
 
-    from fid import FeatureComputer, to_uint8_hwc
+    from kit.fid import FeatureComputer, to_uint8_hwc
 
     extractor = load_extractor(args, device)
     images = fake_samples(args.fid_samples)
@@ -390,8 +390,7 @@ def prepare(args, device):
     an array and as PNGs, and the random extractor's weights."""
     from PIL import Image
 
-    from trainer import ImageData
-    from utils import list_images
+    from kit.data import ImageData, list_images
 
     files = list_images(args.data, "cat")
     if args.data_limit:

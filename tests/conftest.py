@@ -9,7 +9,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_AFHQ = os.path.join(REPO, "..", "shared", "afhq36")
 sys.path.insert(0, REPO)
 
-from trainer import make_smoke_data  # noqa: E402
+from kit.data import make_smoke_data  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -11,9 +11,9 @@ from cleanfid import fid as cleanfid_fid
 from conftest import run_main, tiny_args
 from PIL import Image
 
-import fid
+from kit import fid
 import utils
-from trainer import ImageData
+from kit.data import ImageData, list_images
 
 
 def save_pngs(images_uint8_hwc, folder):
@@ -25,7 +25,7 @@ def save_pngs(images_uint8_hwc, folder):
 
 @pytest.fixture
 def real_images(image_folder):
-    data = ImageData(utils.list_images(image_folder, "cat"), 16, torch.device("cpu"))
+    data = ImageData(list_images(image_folder, "cat"), 16, torch.device("cpu"))
     return data.center_crops().permute(0, 2, 3, 1).numpy()
 
 

@@ -15,6 +15,7 @@ from conftest import REPO, as_flags, tiny_args
 import trainer as trainer_module
 import utils
 from diffusion import Diffusion
+from kit import checkpoints, files
 
 
 def start_main(args, **popen):
@@ -60,7 +61,7 @@ def test_a_failing_save_keeps_the_previous_checkpoint(tmp_path, image_folder, mo
         f.write(b"partial checkpoint bytes")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(trainer_module.torch, "save", disk_full)
+    monkeypatch.setattr(checkpoints.torch, "save", disk_full)
     trainer.step = 99
     with pytest.raises(OSError, match="No space left"):
         trainer.save_checkpoint()
@@ -72,8 +73,8 @@ def test_a_failing_save_keeps_the_previous_checkpoint(tmp_path, image_folder, mo
 
 
 def test_atomic_writes_get_the_usual_file_mode(tmp_path):
-    mask = utils.current_umask()
-    utils.atomic_write(str(tmp_path / "out.bin"), lambda f: f.write(b"x"))
+    mask = files.current_umask()
+    files.atomic_write(str(tmp_path / "out.bin"), lambda f: f.write(b"x"))
     assert (tmp_path / "out.bin").stat().st_mode & 0o777 == 0o666 & ~mask
 
 
@@ -102,7 +103,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_pa
         return loss * float("nan") if calls["n"] > 6 else loss  # steps 1-3 fine (2 micro-batches each)
 
     monkeypatch.setattr(Diffusion, "p_losses", p_losses_turning_nan)
-    with pytest.raises(trainer_module.TrainingDiverged, match=r"loss became nan at step 4: .*last good checkpoint"):
+    with pytest.raises(utils.TrainingDiverged, match=r"loss became nan at step 4: .*last good checkpoint"):
         utils.train_diffusion(**tiny_args(tmp_path, image_folder, train_steps=10, save_and_sample_every=2, log_every=1))
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert state["step"] == 2

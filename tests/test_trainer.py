@@ -9,11 +9,12 @@ from conftest import SHARED_AFHQ, tiny_args
 from PIL import Image
 
 import utils
-from trainer import BatchOrder, ImageData, Trainer, load_image
+from kit.data import BatchOrder, ImageData, list_images, load_image
+from trainer import Trainer
 
 
 def test_image_data_batches_are_crops_and_flips_of_the_resized_images(image_folder):
-    files = utils.list_images(image_folder, "cat")
+    files = list_images(image_folder, "cat")
     data = ImageData(files, image_size=32, device=torch.device("cpu"), workers=2)
     assert data.images.shape == (48, 3, 35, 35) and data.images.dtype == torch.uint8  # int(1.12 * 32) = 35
     # the stored image is the PIL bilinear resize that torchvision's Resize(35) makes

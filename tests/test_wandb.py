@@ -6,7 +6,7 @@ import pytest
 import wandb
 from conftest import tiny_args
 
-import trainer
+from kit import logger
 import utils
 
 
@@ -19,14 +19,14 @@ def no_wandb_key(tmp_path, monkeypatch):
 
 
 def test_auto_without_a_key_is_offline_with_a_notice(no_wandb_key, capsys):
-    assert trainer.wandb_mode("auto") == "offline"
+    assert logger.wandb_mode("auto") == "offline"
     assert "no API key configured, logging offline" in capsys.readouterr().out
-    assert trainer.wandb_mode("disabled") == "disabled"
+    assert logger.wandb_mode("disabled") == "disabled"
 
 
 def test_auto_with_a_key_is_online(no_wandb_key, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    assert trainer.wandb_mode("auto") == "online"
+    assert logger.wandb_mode("auto") == "online"
 
 
 def test_offline_run_writes_files_and_resume_continues_the_same_run(tmp_path, image_folder, no_wandb_key):

@@ -23,11 +23,11 @@ import zipfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 STUDENT_FILES = [
-    "unet.py", "trainer.py", "utils.py", "main.py", "fid.py", "test_diffusion.py", "conftest.py",
+    "unet.py", "trainer.py", "utils.py", "main.py", "test_diffusion.py", "conftest.py",
     "requirements.txt", "run_in_colab.ipynb", "run_in_kaggle.ipynb", "README.md", "data/README.md",
     "data/prepare_afhq.py",
 ]
-STUDENT_FOLDERS = ["test_fixtures", "docs"]  # docs: the figures README.md shows
+STUDENT_FOLDERS = ["kit", "test_fixtures", "docs"]  # kit: the trainer's machinery; docs: the figures README.md shows
 REQUIRED = ["diffusion.py", "unet.py", "test_diffusion.py", "conftest.py", "test_fixtures"]
 
 HANDOUT_PYTEST_INI = """[pytest]
@@ -41,11 +41,11 @@ filterwarnings =
 # where each method's TODO points the student
 POINTERS = {
     "__init__": "the schedule buffers: cosine schedule eq. 12-14, q(x_t | x_0) coefficients eq. 13, "
-                "posterior mean and variance eq. 16-17",
+                "posterior mean and variance eq. 18",
     "q_sample": "eq. 13",
-    "p_losses": "Algorithm 1, eq. 19",
+    "p_losses": "Algorithm 1 (L1 loss on the noise)",
     "forward": "Algorithm 1: draw t uniformly from 0..T-1, then p_losses",
-    "p_sample": "Algorithm 2, eq. 15-17",
+    "p_sample": "Algorithm 2, x_0 estimate eq. 19, posterior mean and variance eq. 18",
     "p_sample_loop": "Algorithm 2",
     "sample": "Algorithm 2",
 }

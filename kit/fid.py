@@ -15,9 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
-from utils import atomic_write
+from kit.errors import FIDSetupError
+from kit.files import atomic_write
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
@@ -29,8 +30,9 @@ def inception_dir():
     return os.environ.get("DDPM_INCEPTION_DIR", DEFAULT_INCEPTION_DIR)
 
 
-class FIDSetupError(RuntimeError):
-    """The feature extractor cannot be obtained; raised at start-up, not at the first evaluation."""
+def statistics_cache_dir():
+    """Where the real images' statistics are cached between runs (DDPM_CACHE_DIR moves it)."""
+    return os.environ.get("DDPM_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "ddpm-homework"))
 
 
 def ensure_inception_weights(url=None, timeout=30):
@@ -170,3 +172,12 @@ class FIDScorer:
         """images: (b, c, h, w) floats in [0, 1], as Diffusion.sample returns them."""
         stats = statistics(self.features(to_uint8_hwc(images), description="FID"))
         return frechet_distance(stats, self.real_stats, self.real_sigma_sqrt)
+
+
+def scorer_for_data(data, cfg, device):
+    """The FIDScorer for a run: the center crops of its training images (kit.data.ImageData) as the reference."""
+    real = data.center_crops().permute(0, 2, 3, 1).cpu().numpy()
+    fingerprint = "|".join(f"{os.path.basename(f)}:{os.path.getsize(f)}" for f in data.files)
+    return FIDScorer(real, extractor_name=cfg.fid_extractor, device=device, cache_dir=statistics_cache_dir(),
+                     cache_key=f"{cfg.data_class}|{cfg.image_size}|{len(real)}|{fingerprint}",
+                     workers=max(1, cfg.dataloader_workers))
