@@ -2,7 +2,7 @@
 
     python main.py                          # train on ./data/train (cats), 10 000 steps, checkpoints in ./results
     python main.py --fid --train_steps 1000 --save_and_sample_every 100
-    python main.py --visualize --load_path results/checkpoint.pt
+    python main.py --visualize                # the figures of the run in --save_folder (no training)
     python main.py --smoke                  # is my setup right? (under a minute on a laptop CPU)
     torchrun --nproc_per_node 2 main.py ... # several GPUs (or CPU processes): DistributedDataParallel
 
@@ -11,10 +11,11 @@ Every option and its default lives in utils.Config; `python main.py --help` list
 import argparse
 import dataclasses
 import os
+import signal
 import sys
 import typing
 
-from utils import Config, ConfigError, FIDSetupError, TrainingDiverged, train_diffusion, visualize_diffusion
+from utils import Config, ConfigError, DiskFull, FIDSetupError, TrainingDiverged, train_diffusion, visualize_diffusion
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -25,6 +26,7 @@ def build_parser():
     parser = argparse.ArgumentParser(
         description="Train a DDPM on AFHQ and draw its figures (the reference homework kit).",
         epilog=__doc__.split("\n\n")[1], formatter_class=HelpFormatter,
+        allow_abbrev=False,  # --train_step 5 is an error, not --train_steps 5
     )
     hints = typing.get_type_hints(Config)
     for option in dataclasses.fields(Config):
@@ -43,7 +45,7 @@ def build_parser():
 def main(argv=None):
     args = vars(build_parser().parse_args(argv))
     try:
-        if args["visualize"] and not args["smoke"] and args["load_path"] is not None:
+        if args["visualize"] and not args["smoke"]:  # figures only: of --load_path, else of --save_folder's run
             result = visualize_diffusion(**args)
         else:
             result = train_diffusion(**args)
@@ -54,9 +56,9 @@ def main(argv=None):
         print(f"error: implement the TODOs in diffusion.py first ({error}). "
               "`pytest test_diffusion.py` shows which parts are missing.", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 130
-    except (FIDSetupError, TrainingDiverged) as error:
+    except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM; the trainer has said what was saved
+        return 128 + getattr(interrupt, "signum", signal.SIGINT)
+    except (FIDSetupError, TrainingDiverged, DiskFull) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, one report

@@ -19,15 +19,19 @@ from tqdm.auto import tqdm
 from diffusion import Diffusion
 from kit.checkpoints import (
     CHECKPOINT_NAME,
-    clean_leftovers,
-    read_checkpoint,
+    check_space,
+    finite,
     restore_training_state,
+    resume_note,
+    start_state,
     training_state,
     write_checkpoint,
 )
 from kit.data import BatchOrder, ImageData, list_images
 from kit.device import (
+    RunClock,
     amp_dtype,
+    read_back,
     autocast,
     distributed,
     isolated_rng,
@@ -35,10 +39,10 @@ from kit.device import (
     select_device,
     setup_distributed,
 )
-from kit.errors import ConfigError, TrainingDiverged
+from kit.errors import ConfigError, TrainingDiverged, TrainingInterrupted
 from kit.fid import ensure_inception_weights, scorer_for_data
 from kit.figures import diffusion_figures, save_grid, write_metrics
-from kit.interrupts import ctrl_c_stops_after_the_step
+from kit.interrupts import SIGNAL_NAMES, stop_after_the_step
 from kit.logger import WandbLogger
 from unet import Unet
 
@@ -56,7 +60,6 @@ class Trainer:
         self.samples_folder = os.path.join(cfg.save_folder, "samples")
         if cfg.fid and cfg.fid_extractor == "inception" and self.is_main and for_training:
             ensure_inception_weights()  # a missing download fails now, before the data is read
-
         # Reading the data is the first long step: everything above was cheap to check.
         self.data = ImageData(list_images(cfg.data_path, cfg.data_class), cfg.image_size, self.device,
                               cfg.dataloader_workers)
@@ -69,8 +72,10 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.unet.parameters(), lr=cfg.learning_rate, fused=self.device.type == "cuda")
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.step, self.losses, self.fids = 0, [], []  # (step, value) pairs
-        self.run_id = uuid.uuid4().hex[:8]
+        self.run_id, self.started_from = uuid.uuid4().hex[:8], None
         self._load_start_checkpoint()
+        if self.is_main and for_training:  # a save writes the new file beside the old one
+            check_space(self.checkpoint_path, 3 * 4 * sum(p.numel() for p in self.unet.parameters()))
 
         self.fid_scorer = None
         if cfg.fid and self.is_main and for_training:
@@ -84,29 +89,34 @@ class Trainer:
     # --- checkpoints ----------------------------------------------------------------------------------------------
 
     def _load_start_checkpoint(self):
-        if self.is_main and self.for_training:
-            clean_leftovers(self.cfg.save_folder)
-        path = self.cfg.load_path
-        if path is None and os.path.isfile(self.checkpoint_path) and not (self.for_training and self.cfg.fresh):
-            path = self.checkpoint_path
-        if path is None:
-            if not self.for_training:
-                raise ConfigError(f"--visualize needs a trained model: pass --load_path (there is no "
-                                  f"{self.checkpoint_path}; train first).")
+        path, state = start_state(self.cfg, self.checkpoint_path, self.for_training)
+        if state is None:
             return
-        state = read_checkpoint(path, self.cfg.model_signature())
         self.unet.load_state_dict(state["model"])
-        self.step = state["step"]
-        self.run_id = state["wandb_run_id"]  # figures and resumed training log to the same wandb run
+        self.step, self.run_id = state["step"], state["wandb_run_id"]  # the same wandb run goes on
+        self.started_from = state.get("started_from") if path == self.checkpoint_path else os.path.abspath(path)
         if self.for_training:
             self.losses, self.fids = restore_training_state(state, self.optimizer, self.scaler, self.device,
-                                                            self.rank, self.cfg.seed)
+                                                            self.rank, self.cfg.seed, self.cfg.learning_rate)
             if self.is_main:
-                print(f"Resuming from {path} at step {self.step} (use --fresh to start over).")
+                print(resume_note(path, state, self.cfg))
 
     def save_checkpoint(self):
-        if self.is_main:
-            write_checkpoint(self.checkpoint_path, training_state(self))
+        """Write checkpoint.pt, only from weights known to be good: finite, with a finite loss."""
+        if not self.is_main:
+            return
+        with torch.no_grad(), isolated_rng(self.device), autocast(self.device, self.amp_dtype):
+            usable = finite(self.unet) and bool(torch.isfinite(self.diffusion(*self._fixed_batch(self.cfg.batch_size))))
+        if not usable:
+            raise TrainingDiverged.at("the weights stopped giving a finite loss", self.step, self.checkpoint_path,
+                                      self.cfg.learning_rate)
+        write_checkpoint(self.checkpoint_path, training_state(self))
+
+    def _fixed_batch(self, count):
+        """`count` real images (fixed crops and flips) and noise, from --seed; call under isolated_rng."""
+        torch.manual_seed(self.cfg.seed)
+        x_0 = self.data.batch(torch.arange(min(count, len(self.data))))
+        return x_0, torch.randn_like(x_0)
 
     # --- training -------------------------------------------------------------------------------------------------
 
@@ -116,17 +126,26 @@ class Trainer:
         cfg = self.cfg
         bar = tqdm(total=cfg.train_steps, initial=self.step, desc="Training", disable=not self.is_main)
         pending = []  # this step's and earlier losses, still on the device
-        with ctrl_c_stops_after_the_step(self.checkpoint_path) as stop:
+        if self.step >= cfg.train_steps:
+            print(f"Nothing to train: the run is at step {self.step} and --train_steps is {cfg.train_steps}. "
+                  "Pass a larger --train_steps to train more.")
+        if self.is_main and self.step and self._milestone() and not os.path.isfile(self._grid_path()):
+            self.save_sample_grid()  # its save point was interrupted before the grid was written
+        clock = RunClock(self.step, cfg.train_steps, self.device)
+        with stop_after_the_step(self.checkpoint_path) as stop:
             while self.step < cfg.train_steps and not stop.requested:
                 pending.append(self._optimizer_step())
                 self.step += 1
                 bar.update(1)
-                milestone = self.step % cfg.save_and_sample_every == 0 or self.step == cfg.train_steps
-                if milestone or len(pending) >= cfg.log_every:
+                if self.is_main and (note := clock.note_after(self.step)):
+                    tqdm.write(note)
+                if self._milestone() or len(pending) >= cfg.log_every:
                     self._flush_losses(pending, bar)
-                if milestone:
-                    self.save_checkpoint()  # first, so a failure in sampling or FID loses no training
-                    self.evaluate()
+                if self._milestone():
+                    try:
+                        self.evaluate()
+                    finally:  # once per save point, also when sampling or FID failed
+                        self.save_checkpoint()
         bar.close()
         interrupted = stop.requested and self.step < cfg.train_steps
         # after an interruption ranks may stand at different steps under torchrun: no collectives, rank 0 saves
@@ -137,10 +156,13 @@ class Trainer:
             self.write_metrics()
         if interrupted:
             if self.is_main:
-                print(f"\nInterrupted at step {self.step}: checkpoint saved to {self.checkpoint_path}. "
-                      "Re-run the same command to resume.")
-            raise KeyboardInterrupt
+                print(f"\nStopped at step {self.step} ({SIGNAL_NAMES[stop.signal]}): checkpoint saved to "
+                      f"{self.checkpoint_path}. Re-run the same command to resume.")
+            raise TrainingInterrupted(stop.signal)
         return self.summary()
+
+    def _milestone(self):
+        return self.step % self.cfg.save_and_sample_every == 0 or self.step == self.cfg.train_steps
 
     def _optimizer_step(self):
         """One step of Algorithm 1 over `grad_accum` micro-batches; returns the step's loss, on the device."""
@@ -166,39 +188,38 @@ class Trainer:
 
     def _flush_losses(self, pending, bar, across_ranks=True):
         """Read the accumulated per-step losses back from the device (one sync), check them, log them."""
-        if not pending:
-            return
-        values = torch.stack(pending)
-        if self.world_size > 1 and across_ranks:
-            dist.all_reduce(values)
-            values /= self.world_size
-        values = values.float().cpu().tolist()
+        values = read_back(pending, self.world_size if across_ranks else 1)
         first_step = self.step - len(values) + 1
-        pending.clear()
-        for offset, value in enumerate(values):
+        for step, value in enumerate(values, start=first_step):
             if not math.isfinite(value):
-                raise TrainingDiverged.at(value, first_step + offset, self.checkpoint_path, self.cfg.learning_rate)
-            self.losses.append((first_step + offset, value))
+                raise TrainingDiverged.at(f"the loss became {value}", step, self.checkpoint_path,
+                                          self.cfg.learning_rate)
+            self.losses.append((step, value))
             if self.logger:
-                self.logger.log({"loss": value}, step=first_step + offset)
-        bar.set_postfix(loss=f"{values[-1]:.4f}")
+                self.logger.log({"loss": value}, step=step)
+        if values:
+            bar.set_postfix(loss=f"{values[-1]:.4f}")
 
     # --- milestones -----------------------------------------------------------------------------------------------
 
     def evaluate(self):
-        """Sample grid (and FID) at a milestone; logged, written to disk, and kept in the checkpoint."""
+        """Sample grid (and FID) at a milestone: logged, written to disk, and kept in the next checkpoint."""
         if not self.is_main:
             return
-        os.makedirs(self.samples_folder, exist_ok=True)
-        log = {"img": save_grid(self.sample(self.cfg.sample_grid_size),
-                                os.path.join(self.samples_folder, f"sample-{self.step}.png"))}
+        log = {"img": self.save_sample_grid()}
         if self.fid_scorer is not None:
             log["fid"] = self.fid_scorer.score(self.sample(self.cfg.fid_num_samples))
             self.fids.append((self.step, log["fid"]))
             tqdm.write(f"step {self.step}: FID {log['fid']:.2f}")
         self.logger.log(log, step=self.step)
         self.write_metrics()
-        self.save_checkpoint()  # again, now with this milestone's metrics
+
+    def save_sample_grid(self):
+        os.makedirs(self.samples_folder, exist_ok=True)
+        return save_grid(self.sample(self.cfg.sample_grid_size), self._grid_path())
+
+    def _grid_path(self):
+        return os.path.join(self.samples_folder, f"sample-{self.step}.png")
 
     @torch.inference_mode()
     def sample(self, count, batch_size=None):
@@ -229,9 +250,7 @@ class Trainer:
         """The forward and backward diffusion figures (handout 7.4, 7.5) of this model on real images."""
         self.unet.eval()
         with isolated_rng(self.device), autocast(self.device, self.amp_dtype):
-            torch.manual_seed(self.cfg.seed)
-            x_0 = self.data.batch(torch.arange(min(num_images, len(self.data))))
-            paths = diffusion_figures(self.diffusion, x_0, torch.randn_like(x_0), self.cfg.save_folder)
+            paths = diffusion_figures(self.diffusion, *self._fixed_batch(num_images), self.cfg.save_folder)
         if self.logger:
             self.logger.log(paths, step=self.step)
         return paths
@@ -239,5 +258,6 @@ class Trainer:
     def close(self):
         if self.logger:
             self.logger.finish()
+
         if self.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()

@@ -14,11 +14,11 @@ from typing import Optional, Tuple
 from kit.checkpoints import CHECKPOINT_NAME
 from kit.data import DATA_CLASSES, make_smoke_data
 from kit.device import select_device
-from kit.errors import ConfigError, FIDSetupError, TrainingDiverged
-from kit.files import check_writable
+from kit.errors import ConfigError, DiskFull, FIDSetupError, TrainingDiverged
+from kit.files import check_writable, claim_folder
 from trainer import Trainer
 
-__all__ = ["Config", "ConfigError", "FIDSetupError", "TrainingDiverged", "select_device", "train_diffusion",
+__all__ = ["Config", "ConfigError", "DiskFull", "FIDSetupError", "TrainingDiverged", "select_device", "train_diffusion",
            "visualize_diffusion"]
 
 
@@ -33,7 +33,9 @@ class Config:
     train_steps: int = option(10000, "optimizer steps to train for (in total, counting resumed ones)")
     save_folder: str = option("./results", "where checkpoints, samples, metrics and figures go")
     data_path: str = option("./data/train", "folder holding cat/ dog/ wild/ with the training images")
-    load_path: Optional[str] = option(None, "checkpoint to load (for --visualize, or to start training from)")
+    load_path: Optional[str] = option(
+        None, "checkpoint to start a new run from (re-running then resumes the run in --save_folder), or to draw "
+        "with --visualize")
     data_class: str = option("cat", "which AFHQ class to train on", choices=DATA_CLASSES)
     image_size: int = option(32, "image side in pixels (must be divisible by 2^(levels-1))")
     batch_size: int = option(32, "images per micro-batch")
@@ -46,7 +48,8 @@ class Config:
     fid: bool = option(False, "compute FID against the real images at every save")
     save_and_sample_every: int = option(1000, "steps between checkpoints, sample grids and FID")
     visualize: bool = option(
-        False, "draw the forward and backward diffusion figures: of --load_path, or after training without it"
+        False, "only draw the forward and backward diffusion figures, of --load_path or else of the run in "
+        "--save_folder (no training)"
     )
     dataloader_workers: int = option(4, "threads that decode the images once at start-up")
     # this kit's additions
@@ -155,14 +158,15 @@ def checked_config(args):
 def train_diffusion(**args):
     """Train (or resume) with the given options; returns a summary dict (see Trainer.summary)."""
     cfg = checked_config(args)
-    trainer = Trainer(cfg)
-    try:
-        summary = trainer.train()
-        if trainer.cfg.visualize:
-            summary.update(trainer.visualize())
-        return summary
-    finally:
-        trainer.close()
+    with claim_folder(cfg.save_folder):  # a second run in the same folder is refused, naming this one
+        trainer = Trainer(cfg)
+        try:
+            summary = trainer.train()
+            if cfg.visualize:
+                summary.update(trainer.visualize())
+            return summary
+        finally:
+            trainer.close()
 
 
 def visualize_diffusion(**args):

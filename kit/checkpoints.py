@@ -1,17 +1,52 @@
 """checkpoint.pt: what a run saves to be resumed, written atomically, read back only as plain tensors."""
 import dataclasses
+import errno
+import io
+import os
+import shutil
 
 import torch
 
-from kit.errors import ConfigError
-from kit.files import atomic_write, remove_stale_temp_files
+from kit.errors import ConfigError, DiskFull
+from kit.files import atomic_write
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
 
 
 def write_checkpoint(path, state):
-    atomic_write(path, lambda f: torch.save({"format": CHECKPOINT_FORMAT, **state}, f))
+    """Serialize in memory, then write atomically: a full disk is then a plain ENOSPC, told in one sentence."""
+    buffer = io.BytesIO()
+    torch.save({"format": CHECKPOINT_FORMAT, **state}, buffer)
+    try:
+        atomic_write(path, lambda f: f.write(buffer.getbuffer()))
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise DiskFull(f"no space left to save the checkpoint in {os.path.dirname(os.path.abspath(path))}: it needs "
+                       f"{megabytes(len(buffer.getbuffer()))} free there, {megabytes(free_space(path))} are. The "
+                       f"previous checkpoint is kept; free some space, then re-run the same command to resume.") from None
+
+
+def free_space(path):
+    return shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+
+
+def megabytes(size):
+    return f"{size / 2**20:.1f} MB"
+
+
+def check_space(path, needed):
+    """Refuse at start-up when even one save cannot fit (a save writes a new file beside the old one)."""
+    if free_space(path) < needed:
+        raise ConfigError(f"only {megabytes(free_space(path))} are free in {os.path.dirname(os.path.abspath(path))}, "
+                          f"and a checkpoint needs about {megabytes(needed)}: free some space or pass another "
+                          "--save_folder.")
+
+
+def finite(module):
+    """Whether every weight is finite: a checkpoint is only written from weights that are."""
+    return all(bool(torch.isfinite(p).all()) for p in module.parameters())
 
 
 def read_checkpoint(path, signature):
@@ -34,9 +69,55 @@ def read_checkpoint(path, signature):
     return state
 
 
-def clean_leftovers(folder):
-    """A save killed midway leaves its temporary file; the checkpoint itself is intact."""
-    remove_stale_temp_files(folder, CHECKPOINT_NAME)
+def start_state(cfg, own_path, for_training):
+    """Which checkpoint a run starts from, as (path, state), or (None, None) for a new run.
+
+    Training resumes the run in --save_folder (own_path) unless --fresh. --load_path starts a run from that
+    file once: the run records it ("started_from"), and re-running the same command resumes the save folder's
+    run instead of starting over again. A save folder holding a run that was not started from --load_path is
+    refused rather than overwritten. --visualize draws --load_path, else the save folder's checkpoint."""
+    load_path = cfg.load_path
+    own = own_path if os.path.isfile(own_path) else None
+    if not for_training or (cfg.fresh and load_path):
+        path = load_path or own
+    elif cfg.fresh:
+        path = None
+    elif load_path is None or own is None or os.path.samefile(load_path, own):
+        path = own or load_path
+    else:
+        state = read_checkpoint(own, cfg.model_signature())
+        if state.get("started_from") != os.path.abspath(load_path):
+            raise ConfigError(
+                f"--save_folder {cfg.save_folder!r} already holds a run at step {state['step']} that was not started "
+                f"from --load_path {load_path!r}. Re-run without --load_path to resume it, add --fresh to start over "
+                "from --load_path (replacing it), or pass another --save_folder.")
+        return own, state
+    if path is None and not for_training:
+        raise ConfigError(f"--visualize draws a trained model: pass --load_path, or train first (there is no "
+                          f"{own_path}).")
+    return (path, read_checkpoint(path, cfg.model_signature())) if path else (None, None)
+
+
+RESUMABLE_CHANGES_IGNORED = ("load_path", "fresh", "smoke", "visualize", "dataloader_workers")
+
+
+def changed_options(saved_config, cfg):
+    """'--name old -> new' for each option that differs from the checkpoint's run (and may differ: the options
+    that the weights depend on are refused by read_checkpoint)."""
+    current = dataclasses.asdict(cfg)
+    return [f"--{name} {saved_config[name]} -> {value}" for name, value in current.items()
+            if name in saved_config and name not in RESUMABLE_CHANGES_IGNORED
+            and _comparable(saved_config[name]) != _comparable(value)]
+
+
+def resume_note(path, state, cfg):
+    changes = changed_options(state["config"], cfg)
+    return (f"Resuming from {path} at step {state['step']} (use --fresh to start over)"
+            + (f", with changed options: {', '.join(changes)}." if changes else "."))
+
+
+def _comparable(value):
+    return list(value) if isinstance(value, (tuple, list)) else value
 
 
 def training_state(trainer):
@@ -49,15 +130,16 @@ def training_state(trainer):
         "signature": trainer.cfg.model_signature(), "metrics": {"loss": trainer.losses, "fid": trainer.fids},
         "rng": {"cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-        "wandb_run_id": trainer.run_id,
+        "wandb_run_id": trainer.run_id, "started_from": trainer.started_from,
     }
 
 
-def restore_training_state(state, optimizer, scaler, device, rank, seed):
+def restore_training_state(state, optimizer, scaler, device, rank, seed, learning_rate):
     """Load the optimizer, scaler and RNG streams saved by `training_state`; returns (losses, fids)."""
     optimizer.load_state_dict(state["optimizer"])
-    for group in optimizer.param_groups:  # the saved flag is the saving device's
-        group["fused"] = device.type == "cuda"
+    for group in optimizer.param_groups:
+        group["fused"] = device.type == "cuda"  # the saved flag is the saving device's
+        group["lr"] = learning_rate  # this run's --learning_rate, not the saved one
     if state["scaler"]:  # empty when saved without fp16 (CPU, bf16): keep this run's fresh scaler
         scaler.load_state_dict(state["scaler"])
     if rank == 0:

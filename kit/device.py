@@ -5,6 +5,7 @@ import os
 import random
 import re
 import sys
+import time
 
 import numpy as np
 import torch
@@ -80,6 +81,19 @@ def distributed(model, device):
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
 
 
+def read_back(pending, world_size):
+    """Per-step losses kept on the device, as Python floats: one sync; averaged over the ranks under torchrun
+    (world_size > 1). Empties `pending`."""
+    if not pending:
+        return []
+    values = torch.stack(pending)
+    pending.clear()
+    if world_size > 1:
+        dist.all_reduce(values)
+        values /= world_size
+    return values.float().cpu().tolist()
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -127,3 +141,30 @@ def amp_dtype(choice, device):
 
 def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+class RunClock:
+    """Times the first steps of a run (after one warm-up step) and, when the whole run will take hours on this
+    device, says so once, with what to do instead."""
+
+    TIMED_STEPS, LONG_RUN_SECONDS = 3, 3600
+
+    def __init__(self, first_step, last_step, device):
+        self.first_step, self.last_step, self.device = first_step, last_step, device
+        self.started = None
+
+    def note_after(self, step):
+        """The note to print after `step`, if any (only once, after the timed steps)."""
+        if step == self.first_step + 1:
+            self.started = time.perf_counter()
+        if step != self.first_step + 1 + self.TIMED_STEPS or self.started is None:
+            return None
+        seconds_per_step = (time.perf_counter() - self.started) / self.TIMED_STEPS
+        left = seconds_per_step * (self.last_step - step)
+        if left < self.LONG_RUN_SECONDS:
+            return None
+        where = {"cpu": "this CPU", "mps": "this Mac's GPU"}.get(self.device.type, "this GPU")
+        return (f"note: at {seconds_per_step:.2f} s a step on {where}, the {self.last_step - step} steps left will "
+                f"take about {left / 3600:.1f} hours. The homework's runs are meant for a GPU (run_in_colab.ipynb or "
+                f"run_in_kaggle.ipynb); here, --train_steps 1000 takes about "
+                f"{seconds_per_step * 1000 / 60:.0f} minutes. Ctrl-C saves and stops; re-running resumes.")

@@ -1,4 +1,6 @@
-"""Stopping cleanly: the first Ctrl-C finishes the step, then the trainer saves; a second one stops at once."""
+"""Stopping cleanly. The first Ctrl-C, or SIGTERM (what Colab, Kaggle and Slurm send when they end a session),
+lets the current step (and any sampling or FID under way) finish; the trainer then saves and says how to resume.
+A second one stops at once, keeping the last checkpoint."""
 import contextlib
 import signal
 import threading
@@ -6,29 +8,33 @@ import types
 
 from tqdm.auto import tqdm
 
+SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+
 
 @contextlib.contextmanager
-def ctrl_c_stops_after_the_step(checkpoint_path):
-    """The first Ctrl-C lets the current step (and any sampling or FID under way) finish, so the checkpoint
-    saved next is consistent; a second Ctrl-C stops at once, keeping the last checkpoint. Works in a terminal
-    and in a Jupyter kernel."""
-    stop = types.SimpleNamespace(requested=False)
+def stop_after_the_step(checkpoint_path):
+    """Yields `stop`: `stop.requested` turns True at the first Ctrl-C or SIGTERM, `stop.signal` says which.
+    Works in a terminal and in a Jupyter kernel; elsewhere than the main thread, Ctrl-C stays a plain
+    KeyboardInterrupt (signal handlers can only be set from the main thread)."""
+    stop = types.SimpleNamespace(requested=False, signal=None)
     if threading.current_thread() is not threading.main_thread():
-        yield stop  # signal handlers can only be set from the main thread: plain KeyboardInterrupt there
+        yield stop
         return
 
     def handler(signum, frame):
         if stop.requested:
             raise KeyboardInterrupt
-        stop.requested = True
-        tqdm.write("Ctrl-C: saving a checkpoint after this step (press Ctrl-C again to stop at once).")
+        stop.requested, stop.signal = True, signum
+        tqdm.write(f"{SIGNAL_NAMES[signum]}: saving a checkpoint after this step "
+                   f"({SIGNAL_NAMES[signum]} again stops at once).")
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {signum: signal.signal(signum, handler) for signum in SIGNAL_NAMES}
     try:
         yield stop
-    except KeyboardInterrupt:  # the second Ctrl-C
+    except KeyboardInterrupt:  # the second Ctrl-C or SIGTERM
         print(f"\nStopped at once; the last checkpoint ({checkpoint_path}) is kept. "
               "Re-run the same command to resume from it.")
         raise
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler_before in previous.items():
+            signal.signal(signum, handler_before)
