@@ -126,7 +126,7 @@ class Trainer:
         cfg = self.cfg
         bar = tqdm(total=cfg.train_steps, initial=self.step, desc="Training", disable=not self.is_main)
         pending = []  # this step's and earlier losses, still on the device
-        if self.step >= cfg.train_steps:
+        if self.step >= cfg.train_steps and self.is_main:
             print(f"Nothing to train: the run is at step {self.step} and --train_steps is {cfg.train_steps}. "
                   "Pass a larger --train_steps to train more.")
         if self.is_main and self.step and self._milestone() and not os.path.isfile(self._grid_path()):
@@ -141,11 +141,13 @@ class Trainer:
                     tqdm.write(note)
                 if self._milestone() or len(pending) >= cfg.log_every:
                     self._flush_losses(pending, bar)
-                if self._milestone():
+                if self._milestone():  # one checkpoint per save point, after the grid and FID
                     try:
                         self.evaluate()
-                    finally:  # once per save point, also when sampling or FID failed
+                    except Exception:  # sampling or FID failed: the training steps are saved all the same
                         self.save_checkpoint()
+                        raise
+                    self.save_checkpoint()
         bar.close()
         interrupted = stop.requested and self.step < cfg.train_steps
         # after an interruption ranks may stand at different steps under torchrun: no collectives, rank 0 saves

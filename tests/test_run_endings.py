@@ -205,3 +205,16 @@ def test_visualize_without_load_path_draws_the_run_in_save_folder_without_traini
 def test_abbreviated_flags_are_refused(tmp_path):
     result = run_main("--train_step", "5", "--save_folder", tmp_path)
     assert result.returncode == 2 and "unrecognized arguments: --train_step" in result.stderr
+
+
+def test_a_failing_sample_grid_still_saves_the_steps_trained(tmp_path, image_folder, monkeypatch):
+    def broken_grid(images, path):
+        raise OSError("the grid could not be written")
+
+    monkeypatch.setattr(trainer_module, "save_grid", broken_grid)
+    with pytest.raises(OSError, match="the grid could not be written"):
+        utils.train_diffusion(**tiny_args(tmp_path, image_folder, train_steps=4, save_and_sample_every=2))
+    assert saved(tmp_path)["step"] == 2
+    monkeypatch.undo()
+    summary = utils.train_diffusion(**tiny_args(tmp_path, image_folder, train_steps=4, save_and_sample_every=2))
+    assert summary["step"] == 4 and (tmp_path / "samples" / "sample-2.png").is_file()  # the missing grid is drawn
