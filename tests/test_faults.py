@@ -1,0 +1,186 @@
+"""Faults a student meets around a run (issue 11): each is refused or handled at start-up with one sentence that
+names the value and the fix, and the student's files stay intact."""
+import io
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import types
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, run_main, tiny_args
+from PIL import Image
+
+import trainer as trainer_module
+import utils
+from kit import fid
+from kit.checkpoints import read_checkpoint
+from kit.data import ImageData, list_images, load_image
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def data_never_read(monkeypatch):
+    """Fails the test if the run gets as far as listing the training images."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the data was read: the check should have come before")
+
+    monkeypatch.setattr(trainer_module, "list_images", refuse)
+
+
+# --- 1. the FID reference statistics cache and the Inception weights ------------------------------------------------
+
+
+def write_images(folder, seed, count=12, size=20):
+    """Uncompressed PNGs: their file size depends only on their dimensions, never on their pixels."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(folder, "cat"), exist_ok=True)
+    base = rng.integers(0, 256, (1, 1, 3)) * np.ones((size, size, 3))
+    for i in range(count):
+        img = (base + rng.normal(0, 40, (size, size, 3))).clip(0, 255).astype(np.uint8)
+        Image.fromarray(img).save(os.path.join(folder, "cat", f"{i:03d}.png"), compress_level=0)
+    return folder
+
+
+def scorer_for(folder):
+    data = ImageData(list_images(folder, "cat"), 16, CPU, workers=1)
+    return fid.scorer_for_data(data, types.SimpleNamespace(fid_extractor="tiny", dataloader_workers=1), CPU)
+
+
+def test_fid_statistics_follow_the_pixels_not_the_file_names_and_sizes(tmp_path):
+    folder = write_images(str(tmp_path / "data"), seed=0)
+    generated = torch.rand(16, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    before = scorer_for(folder)
+    listing = {f: os.path.getsize(os.path.join(folder, "cat", f)) for f in os.listdir(os.path.join(folder, "cat"))}
+
+    write_images(folder, seed=1)  # other pictures, same names, same byte sizes: the old key could not tell
+    assert {f: os.path.getsize(os.path.join(folder, "cat", f)) for f in listing} == listing
+    after = scorer_for(folder)
+
+    assert after.cache_path != before.cache_path and os.path.isfile(before.cache_path)
+    assert not np.allclose(after.real_stats[0], before.real_stats[0])
+    new_pixels = ImageData(list_images(folder, "cat"), 16, CPU).center_crops().permute(0, 2, 3, 1).numpy()
+    fresh = fid.FIDScorer(new_pixels, extractor_name="tiny", device=CPU, cache_dir=str(tmp_path / "empty cache"))
+    assert after.score(generated) == pytest.approx(fresh.score(generated), rel=1e-9)
+    assert abs(after.score(generated) - before.score(generated)) > 1e-3
+    # and the same pixels again hit the cache
+    assert scorer_for(folder).cache_path == after.cache_path
+
+
+def npz_bytes(**arrays):
+    out = io.BytesIO()
+    np.savez(out, **arrays)
+    return out.getvalue()
+
+
+def npy_bytes(array):
+    out = io.BytesIO()
+    np.save(out, array)
+    return out.getvalue()
+
+
+CORRUPT_CACHES = {
+    "truncated": lambda good: good[: len(good) // 2],
+    "empty": lambda good: b"",
+    "text": lambda good: b"this is not an npz file\n",
+    "a pickle": lambda good: pickle.dumps({"mu": [0.0], "sigma": [[1.0]]}),
+    "wrong keys": lambda good: npz_bytes(mean=np.zeros(32), cov=np.eye(32)),
+    "wrong shapes": lambda good: npz_bytes(mu=np.zeros(32), sigma=np.eye(31)),
+    "NaN": lambda good: npz_bytes(mu=np.full(32, np.nan), sigma=np.eye(32)),
+    "a plain npy": lambda good: npy_bytes(np.zeros(32)),
+    "integer covariance": lambda good: npz_bytes(mu=np.zeros(32, int), sigma=np.eye(32, dtype=int)),
+}
+
+
+@pytest.mark.parametrize("corruption", sorted(CORRUPT_CACHES))
+def test_a_bad_fid_cache_file_is_named_recomputed_and_replaced(tmp_path, corruption, capsys):
+    folder = write_images(str(tmp_path / "data"), seed=0)
+    first = scorer_for(folder)
+    path = first.cache_path
+    good = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(CORRUPT_CACHES[corruption](good))
+    capsys.readouterr()
+
+    second = scorer_for(folder)
+
+    printed = [line for line in capsys.readouterr().out.splitlines() if "FID reference statistics cache" in line]
+    assert len(printed) == 1 and path in printed[0] and "recomputing it and replacing the file" in printed[0]
+    assert second.cache_path == path
+    assert np.allclose(second.real_stats[0], first.real_stats[0]) and np.allclose(second.real_stats[1],
+                                                                                  first.real_stats[1])
+    mu, sigma = fid.read_statistics(path)  # replaced by a good file
+    assert np.allclose(mu, first.real_stats[0]) and np.allclose(sigma, first.real_stats[1])
+    assert sorted(os.listdir(os.path.dirname(path))) == [os.path.basename(path)], "temporary files left behind"
+    capsys.readouterr()
+    scorer_for(folder)  # and the next run reads it silently
+    assert "FID reference statistics cache" not in capsys.readouterr().out
+
+
+def test_an_unwritable_fid_cache_is_said_once_and_fid_still_works(tmp_path, monkeypatch, capsys):
+    (tmp_path / "a_file").write_text("in the way of the cache folder")
+    monkeypatch.setenv("DDPM_CACHE_DIR", str(tmp_path / "a_file" / "cache"))
+    scorer = scorer_for(write_images(str(tmp_path / "data"), seed=0))
+    printed = [line for line in capsys.readouterr().out.splitlines() if "FID reference statistics cache" in line]
+    assert len(printed) == 1 and "Could not write" in printed[0] and "DDPM_CACHE_DIR" in printed[0]
+    assert np.isfinite(scorer.score(torch.rand(4, 3, 16, 16)))
+
+
+def write_fake_inception(path):
+    from test_fid import write_fake_inception as write
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write(path)
+
+
+def corrupt_inception(path, how):
+    write_fake_inception(path)
+    good = open(path, "rb").read()
+    if how == "truncated":
+        data = good[: len(good) * 2 // 3]
+    elif how == "garbage":
+        data = os.urandom(4096)
+    elif how == "flipped bytes":  # same size, a damaged part inside
+        middle = good.index(b"PK\x03\x04", len(good) // 3)  # a part's header: damage the data after it
+        data = good[: middle + 100] + bytes(b ^ 0xFF for b in good[middle + 100 : middle + 200]) + good[middle + 200 :]
+    else:  # "not torchscript": a whole zip archive of something else
+        os.unlink(path)
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("notes.txt", "hello")
+        return
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "flipped bytes", "not torchscript"])
+def test_a_corrupt_inception_file_is_named_with_the_fix_at_start_up(tmp_path, how):
+    path = os.path.join(os.environ["DDPM_INCEPTION_DIR"], fid.INCEPTION_FILE)
+    corrupt_inception(path, how)
+    damaged = open(path, "rb").read()
+    with pytest.raises(fid.FIDSetupError) as caught:
+        fid.ensure_inception_weights()
+        fid.build_extractor("inception", CPU)  # an archive that is whole but not clean-fid's network
+    message = str(caught.value)
+    assert path in message and "Delete it so that the next run downloads it again" in message
+    assert "copy a good inception-2015-12-05.pt there" in message and "Traceback" not in message
+    assert open(path, "rb").read() == damaged, "the user's file was changed"
+
+
+def test_a_corrupt_inception_file_stops_training_before_the_data_is_read(tmp_path, image_folder, data_never_read):
+    path = os.path.join(os.environ["DDPM_INCEPTION_DIR"], fid.INCEPTION_FILE)
+    corrupt_inception(path, "truncated")
+    with pytest.raises(utils.FIDSetupError, match="inception-2015-12-05.pt, is unusable .*Delete it"):
+        utils.train_diffusion(**tiny_args(tmp_path / "run", image_folder, fid=True))
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_a_good_inception_file_passes_the_check(tmp_path):
+    path = os.path.join(os.environ["DDPM_INCEPTION_DIR"], fid.INCEPTION_FILE)
+    write_fake_inception(path)
+    assert fid.ensure_inception_weights() == path and fid.inception_problem(path) is None
