@@ -184,3 +184,109 @@ def test_a_good_inception_file_passes_the_check(tmp_path):
     path = os.path.join(os.environ["DDPM_INCEPTION_DIR"], fid.INCEPTION_FILE)
     write_fake_inception(path)
     assert fid.ensure_inception_weights() == path and fid.inception_problem(path) is None
+
+
+# --- 2. a checkpoint.pt in the way, a --load_path that is a folder ---------------------------------------------------
+
+
+def test_a_folder_named_checkpoint_pt_is_refused_before_the_data_is_read(tmp_path, image_folder, data_never_read):
+    (tmp_path / "checkpoint.pt").mkdir()
+    for fresh in (False, True):  # --fresh cannot help: every save would fail on it
+        with pytest.raises(utils.ConfigError) as caught:
+            utils.train_diffusion(**tiny_args(tmp_path, image_folder, fresh=fresh))
+        message = str(caught.value)
+        assert str(tmp_path / "checkpoint.pt") in message and "a folder" in message
+        assert "Remove or rename it" in message and "--save_folder" in message
+    assert (tmp_path / "checkpoint.pt").is_dir() and os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+def test_a_checkpoint_pt_that_is_no_regular_file_is_refused(tmp_path, image_folder, data_never_read):
+    os.mkfifo(tmp_path / "checkpoint.pt")  # reading it would hang; saving over it would replace a pipe
+    with pytest.raises(utils.ConfigError, match=r"checkpoint.pt' is in the way .* not a regular file. Remove or"):
+        utils.train_diffusion(**tiny_args(tmp_path, image_folder))
+
+
+def test_a_damaged_checkpoint_pt_is_refused_at_start_up_and_fresh_replaces_it(tmp_path, image_folder,
+                                                                              monkeypatch):
+    (tmp_path / "checkpoint.pt").write_bytes(b"half a checkpoint")
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer_module, "list_images", lambda *a: pytest.fail("the data was read"))
+        with pytest.raises(utils.ConfigError) as caught:
+            utils.train_diffusion(**tiny_args(tmp_path, image_folder))
+    message = str(caught.value)
+    assert str(tmp_path / "checkpoint.pt") in message and "is not a checkpoint written by this kit" in message
+    assert "--fresh" in message and "weights_only" not in message
+    assert (tmp_path / "checkpoint.pt").read_bytes() == b"half a checkpoint"
+    summary = utils.train_diffusion(**tiny_args(tmp_path, image_folder, fresh=True, train_steps=1))
+    assert summary["step"] == 1 and torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 1
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root reads any file")
+def test_an_unreadable_checkpoint_pt_is_refused_at_start_up(tmp_path, image_folder, data_never_read):
+    utils.train_diffusion(**tiny_args(tmp_path / "run", image_folder, train_steps=1))
+    os.chmod(tmp_path / "run" / "checkpoint.pt", 0)
+    try:
+        with pytest.raises(utils.ConfigError, match=r"checkpoint.pt' cannot be read \(Permission denied\)"):
+            utils.train_diffusion(**tiny_args(tmp_path / "run", image_folder, train_steps=2))
+    finally:
+        os.chmod(tmp_path / "run" / "checkpoint.pt", 0o644)
+
+
+def test_a_load_path_that_is_a_folder_is_refused(tmp_path, image_folder, data_never_read):
+    (tmp_path / "old_run").mkdir()
+    with pytest.raises(utils.ConfigError) as caught:
+        utils.train_diffusion(**tiny_args(tmp_path / "run", image_folder, load_path=str(tmp_path / "old_run")))
+    message = str(caught.value)
+    assert f"--load_path {str(tmp_path / 'old_run')!r} is a folder, not a checkpoint file" in message
+    assert "checkpoint.pt written by training" in message
+    with pytest.raises(utils.ConfigError, match="is a folder"):
+        utils.visualize_diffusion(**tiny_args(tmp_path / "run", image_folder, load_path=str(tmp_path / "old_run")))
+    assert not (tmp_path / "run").exists()
+
+
+# --- 3. flags that used to crash late ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (dict(sample_grid_size=0), "--sample_grid_size 0: must be a positive whole number"),
+        (dict(sample_grid_size=-4), "--sample_grid_size -4: must be a positive whole number"),
+        (dict(sample_grid_size=4096), "--sample_grid_size 4096: must be a square number from 1 to 1024"),
+        (dict(seed=-1), "--seed -1: must be a whole number from 0 to 4294967295"),
+        (dict(seed=2**64), f"--seed {2**64}: must be a whole number from 0 to 4294967295"),
+        (dict(seed=2**32), f"--seed {2**32}: must be a whole number from 0 to 4294967295"),
+        (dict(fid_num_samples=1), "--fid_num_samples 1: must be from 2 (a covariance needs at least two images)"),
+        (dict(fid_num_samples=1, fid=True, fid_extractor="tiny"), "clean-fid recommends at least 2048"),
+        (dict(fid_num_samples=10**6), f"--fid_num_samples {10**6}: must be from 2"),
+        (dict(time_steps=10**6), f"--time_steps {10**6}: at most 100000 .*The course uses 50; 1000"),
+        (dict(image_size=1024), "--image_size 1024: at most 512"),
+        (dict(image_size=4, unet_dim_mults=(1, 2, 4, 8)), "--image_size 4: .* divisible by 8"),
+        (dict(unet_dim=1024), "--unet_dim 1024: at most 512"),
+        (dict(dataloader_workers=100000), "--dataloader_workers 100000: must be between 0 and 256"),
+        (dict(log_every=0), "--log_every 0: must be a positive"),
+        (dict(grad_accum=-1), "--grad_accum -1: must be a positive"),
+        (dict(save_and_sample_every=0), "--save_and_sample_every 0: must be a positive"),
+    ],
+)
+def test_absurd_flags_are_refused_before_any_work(tmp_path, image_folder, data_never_read, overrides, expected):
+    with pytest.raises(utils.ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        utils.train_diffusion(**tiny_args(tmp_path / "run", image_folder, **overrides))
+    assert not (tmp_path / "run").exists(), "something was written before the options were checked"
+
+
+def test_the_bounds_accept_the_smallest_and_largest_sensible_values(tmp_path, image_folder):
+    summary = utils.train_diffusion(**tiny_args(tmp_path, image_folder, seed=2**32 - 1, sample_grid_size=1,
+                                                time_steps=1, train_steps=2, fid=True, fid_extractor="tiny",
+                                                fid_num_samples=2))
+    assert summary["step"] == 2 and np.isfinite(summary["fid"])
+    assert utils.checked_config(dict(image_size=512, unet_dim=512, time_steps=100_000, fid_num_samples=100_000,
+                                     sample_grid_size=1024, save_folder=str(tmp_path / "big")))
+
+
+def test_cli_refuses_a_bad_flag_in_one_line_with_exit_code_2(tmp_path, image_folder):
+    result = run_main("--sample_grid_size", "0", "--data_path", image_folder, "--save_folder", tmp_path / "run",
+                      "--wandb", "disabled", "--device", "cpu")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: --sample_grid_size 0: must be a positive whole number."]
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
