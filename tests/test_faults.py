@@ -290,3 +290,46 @@ def test_cli_refuses_a_bad_flag_in_one_line_with_exit_code_2(tmp_path, image_fol
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: --sample_grid_size 0: must be a positive whole number."]
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+# --- 4. 16-bit grayscale and transparent images ----------------------------------------------------------------------
+
+
+def test_16_bit_grayscale_keeps_its_gradient(tmp_path):
+    gradient = np.tile(np.linspace(0, 65535, 40), (40, 1)).astype(np.uint16)
+    Image.fromarray(gradient).save(tmp_path / "gradient.png")
+    Image.fromarray(np.full((40, 40), 32768, np.uint16)).save(tmp_path / "mid.png")
+    assert Image.open(tmp_path / "gradient.png").mode.startswith("I")
+    row = load_image(str(tmp_path / "gradient.png"), 40)[20, :, 0].astype(int)
+    assert row[0] <= 1 and row[-1] >= 254 and (np.diff(row) >= 0).all() and len(set(row)) > 30
+    assert np.allclose(row, np.linspace(0, 255, 40), atol=4)  # a gradient, not saturated to white
+    mid = load_image(str(tmp_path / "mid.png"), 36)
+    assert (abs(mid.astype(int) - 128) <= 1).all()
+
+
+def test_transparent_pixels_are_composited_on_white_and_counted(tmp_path, capsys):
+    folder = tmp_path / "cat"
+    folder.mkdir()
+    red_left_half = np.zeros((40, 40, 4), np.uint8)
+    red_left_half[..., 0] = 255
+    red_left_half[:, :20, 3] = 255  # the right half is transparent (its hidden color is red too)
+    Image.fromarray(red_left_half).save(folder / "a_rgba.png")
+    Image.fromarray(red_left_half).convert("P").save(folder / "b_palette.png")  # palette + tRNS transparency
+    black_left_half = np.stack([np.zeros((40, 40), np.uint8), red_left_half[..., 3]], axis=-1)
+    Image.fromarray(black_left_half, "LA").save(folder / "c_gray_alpha.png")
+    opaque = red_left_half.copy()
+    opaque[..., 3] = 255
+    Image.fromarray(opaque).save(folder / "d_opaque_rgba.png")
+    Image.fromarray(opaque[..., :3]).save(folder / "e_rgb.png")
+
+    data = ImageData(list_images(str(tmp_path), "cat"), 36, CPU, workers=1)
+
+    lines = [line for line in capsys.readouterr().out.splitlines() if "transparent" in line]
+    example = folder / "a_rgba.png"
+    assert lines == [f"3 image(s) had transparent pixels: composited on a white background, e.g. {example}"]
+    images = data.images.permute(0, 2, 3, 1).numpy()  # (5, 40, 40, 3), loaded at int(1.12 * 36) = 40
+    for transparent in images[:2]:
+        assert (transparent[:, :15] == [255, 0, 0]).all() and (transparent[:, 25:] == 255).all()
+    assert (images[2][:, :15] == 0).all() and (images[2][:, 25:] == 255).all()  # black, then white
+    for opaque_image in images[3:]:
+        assert (opaque_image == [255, 0, 0]).all()
