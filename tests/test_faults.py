@@ -333,3 +333,51 @@ def test_transparent_pixels_are_composited_on_white_and_counted(tmp_path, capsys
     assert (images[2][:, :15] == 0).all() and (images[2][:, 25:] == 255).all()  # black, then white
     for opaque_image in images[3:]:
         assert (opaque_image == [255, 0, 0]).all()
+
+
+# --- 5. a file that is no checkpoint as --load_path -----------------------------------------------------------------
+
+
+class NotPlainData:
+    """Pickled by torch.save; loading it needs weights_only=False, which torch's own error message advises."""
+
+
+def make_file(path, kind):
+    if kind == "random bytes":
+        path.write_bytes(os.urandom(2048))
+    elif kind == "pickled dict":
+        path.write_bytes(pickle.dumps({"step": 3, "model": {}}))
+    elif kind == "zip":
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("data.txt", "not a checkpoint")
+    elif kind == "text":
+        path.write_text("step=3\n")
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "torch.save of an object":
+        torch.save({"format": 1, "thing": NotPlainData()}, path)
+    elif kind == "torch.save of a tensor":
+        torch.save(torch.zeros(3), path)
+    elif kind == "checkpoint without signature":
+        torch.save({"format": 1, "step": 3}, path)
+    return str(path)
+
+
+KINDS = ["random bytes", "pickled dict", "zip", "text", "empty", "torch.save of an object", "torch.save of a tensor",
+         "checkpoint without signature"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_file_that_is_no_checkpoint_is_refused_without_unsafe_advice(tmp_path, image_folder, kind):
+    path = make_file(tmp_path / "model.pt", kind)
+    signature = utils.Config(**{k: v for k, v in tiny_args(tmp_path, image_folder).items()}).model_signature()
+    with pytest.raises(utils.ConfigError) as caught:
+        read_checkpoint(path, signature)
+    with pytest.raises(utils.ConfigError) as through_the_front_door:
+        utils.train_diffusion(**tiny_args(tmp_path / "run", image_folder, load_path=path))
+    for error in (caught.value, through_the_front_door.value):
+        message = str(error)
+        assert path in message and "is not a checkpoint" in message and "this kit" in message, message
+        assert "--load_path" in message, message
+        assert "weights_only" not in message and "Unpickl" not in message and "\n" not in message, message
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
