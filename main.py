@@ -8,13 +8,22 @@
 
 Every option and its default lives in utils.Config; `python main.py --help` lists them.
 """
-import argparse
-import dataclasses
-import os
 import sys
-import typing
 
-from utils import Config, ConfigError, FIDSetupError, TrainingDiverged, train_diffusion, visualize_diffusion
+INTERRUPTED_AT_START = "Interrupted before training started; nothing was changed."
+
+try:  # importing torch takes seconds: a Ctrl-C meanwhile gets one line, not an import traceback
+    import argparse
+    import dataclasses
+    import os
+    import typing
+
+    from utils import Config, ConfigError, FIDSetupError, TrainingDiverged, train_diffusion, visualize_diffusion
+except KeyboardInterrupt:
+    if __name__ != "__main__":
+        raise
+    print(INTERRUPTED_AT_START, file=sys.stderr)
+    sys.exit(130)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -66,4 +75,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # main() handles those during training; this one came while parsing the options
+        print(INTERRUPTED_AT_START, file=sys.stderr)
+        sys.exit(130)

@@ -381,3 +381,37 @@ def test_a_file_that_is_no_checkpoint_is_refused_without_unsafe_advice(tmp_path,
         assert "--load_path" in message, message
         assert "weights_only" not in message and "Unpickl" not in message and "\n" not in message, message
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+# --- 6. Ctrl-C while main.py is still starting ---------------------------------------------------------------------
+
+
+def test_ctrl_c_while_importing_torch_prints_one_line_and_exits_130(tmp_path):
+    """A real SIGINT, sent once the interpreter reports (through -X importtime) that it is inside `import torch`:
+    the import takes seconds after that, so the signal lands in main.py's start-up every time."""
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "main.py"), "--smoke", "--save_folder", str(tmp_path / "run"),
+         "--wandb", "disabled", "--device", "cpu"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"},
+    )
+    seen = []
+    try:
+        for line in process.stderr:
+            seen.append(line)
+            if line.rstrip().endswith(" torch._utils"):  # one of the first parts of `import torch`
+                process.send_signal(signal.SIGINT)
+                break
+        else:
+            pytest.fail("main.py never imported torch: " + "".join(seen[-5:]))
+        rest = process.stderr.read()
+        process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    messages = [line for line in rest.splitlines() if not line.startswith("import time:")]
+    assert "Traceback" not in rest and "KeyboardInterrupt" not in rest, rest[-3000:]
+    assert messages == ["Interrupted before training started; nothing was changed."], rest[-3000:]
+    assert process.returncode == 130
+    assert not (tmp_path / "run").exists()
