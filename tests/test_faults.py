@@ -221,15 +221,29 @@ def test_a_damaged_checkpoint_pt_is_refused_at_start_up_and_fresh_replaces_it(tm
     assert summary["step"] == 1 and torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 1
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root reads any file")
-def test_an_unreadable_checkpoint_pt_is_refused_at_start_up(tmp_path, image_folder, data_never_read):
-    utils.train_diffusion(**tiny_args(tmp_path / "run", image_folder, train_steps=1))
-    os.chmod(tmp_path / "run" / "checkpoint.pt", 0)
+def test_an_unreadable_checkpoint_pt_is_refused_at_start_up(tmp_path, image_folder, monkeypatch):
+    utils.train_diffusion(**tiny_args(tmp_path, image_folder, train_steps=1))
+    checkpoint = str(tmp_path / "checkpoint.pt")
+    monkeypatch.setattr(trainer_module, "list_images", lambda *a: pytest.fail("the data was read"))
+    if os.geteuid() == 0:  # root reads any file: let opening this one fail as it does for a student
+        real_open = open
+
+        def no_permission(path, *args, **kwargs):
+            if os.fspath(path) == checkpoint:
+                raise PermissionError(13, "Permission denied", checkpoint)
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr("builtins.open", no_permission)
+    else:
+        os.chmod(checkpoint, 0)
     try:
-        with pytest.raises(utils.ConfigError, match=r"checkpoint.pt' cannot be read \(Permission denied\)"):
-            utils.train_diffusion(**tiny_args(tmp_path / "run", image_folder, train_steps=2))
+        with pytest.raises(utils.ConfigError) as caught:
+            utils.train_diffusion(**tiny_args(tmp_path, image_folder, train_steps=2))
     finally:
-        os.chmod(tmp_path / "run" / "checkpoint.pt", 0o644)
+        os.chmod(checkpoint, 0o644)
+    message = str(caught.value)
+    assert f"{checkpoint!r} cannot be read (Permission denied)" in message
+    assert "Remove or rename it, or pass --fresh" in message
 
 
 def test_a_load_path_that_is_a_folder_is_refused(tmp_path, image_folder, data_never_read):
