@@ -8,14 +8,44 @@
 
 Every option and its default lives in utils.Config; `python main.py --help` lists them.
 """
-import argparse
-import dataclasses
-import os
 import signal
 import sys
-import typing
 
-from utils import Config, ConfigError, DiskFull, FIDSetupError, TrainingDiverged, train_diffusion, visualize_diffusion
+INTERRUPTED_AT_START = "Interrupted before training started; nothing was changed."
+
+
+class StoppedAtStart(KeyboardInterrupt):
+    """SIGTERM before training started: stop like Ctrl-C does, with exit code 128 + SIGTERM."""
+
+    signum = signal.SIGTERM
+
+
+def _sigterm_at_start(signum, frame):
+    raise StoppedAtStart
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _sigterm_at_start)  # the trainer takes SIGTERM over while it trains
+try:  # importing torch takes seconds: a Ctrl-C or SIGTERM meanwhile gets one line, not an import traceback
+    import argparse
+    import dataclasses
+    import os
+    import typing
+
+    from utils import (
+        Config,
+        ConfigError,
+        DiskFull,
+        FIDSetupError,
+        TrainingDiverged,
+        train_diffusion,
+        visualize_diffusion,
+    )
+except KeyboardInterrupt as interrupt:
+    if __name__ != "__main__":
+        raise
+    print(INTERRUPTED_AT_START, file=sys.stderr)
+    sys.exit(128 + getattr(interrupt, "signum", signal.SIGINT))
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -68,4 +98,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt as interrupt:  # main() handles those during training; this one came while parsing
+        print(INTERRUPTED_AT_START, file=sys.stderr)
+        sys.exit(128 + getattr(interrupt, "signum", signal.SIGINT))

@@ -8,6 +8,7 @@ stand below this file.
 import dataclasses
 import math
 import os
+import zipfile
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
@@ -96,21 +97,60 @@ class Config:
         }
 
 
+# Generous bounds: every sensible run fits inside them; what lies outside would crash or run out of memory late
+MAX_SEED = 2**32 - 1  # torch accepts seeds below 2**64; the trainer derives (seed + rank) * 1_000_003 + step
+MAX_TIME_STEPS = 100_000
+MAX_IMAGE_SIZE = 512  # AFHQ's own resolution
+MAX_UNET_DIM = 512
+MAX_SAMPLE_GRID = 1024  # a 32 x 32 grid
+MAX_FID_SAMPLES = 100_000  # FID-50k, the largest count in common use, is 50 000
+MAX_WORKERS = 256
+
+
+def _check_checkpoint_file(path, flag, fix):
+    """A checkpoint path that exists must be a readable checkpoint file (this kit writes zip archives), checked
+    now rather than after the data is read or after the first save point. Raises ConfigError."""
+    if os.path.isdir(path):
+        raise ConfigError(f"{flag} {path!r} is a folder, not a checkpoint file. {fix}")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{flag} {path!r} is not a regular file (a device, socket or pipe?). {fix}")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        raise ConfigError(f"{flag} {path!r} cannot be read ({error.strerror}). {fix}") from None
+    if not zipfile.is_zipfile(path):
+        raise ConfigError(f"{flag} {path!r} is not a checkpoint written by this kit's training (nor by torch.save): "
+                          f"it is empty, damaged or another kind of file. {fix}")
+
+
 def validate_config(cfg: Config):
-    """Check everything that can be checked without reading the data. Raises ConfigError."""
+    """Check everything that can be checked without reading the data. Raises ConfigError naming the value and
+    the fix; nothing is written before these checks pass."""
     for name in ("train_steps", "batch_size", "grad_accum", "time_steps", "save_and_sample_every", "unet_dim",
-                 "image_size", "fid_num_samples", "log_every"):
+                 "image_size", "fid_num_samples", "log_every", "sample_grid_size"):
         value = getattr(cfg, name)
-        if not isinstance(value, int) or value <= 0:
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ConfigError(f"--{name} {value!r}: must be a positive whole number.")
     if not (isinstance(cfg.learning_rate, (int, float)) and math.isfinite(cfg.learning_rate) and cfg.learning_rate > 0):
         raise ConfigError(f"--learning_rate {cfg.learning_rate!r}: must be a positive number, e.g. 1e-3.")
-    if cfg.dataloader_workers < 0:
-        raise ConfigError(f"--dataloader_workers {cfg.dataloader_workers}: must be 0 or more.")
+    if not 0 <= cfg.dataloader_workers <= MAX_WORKERS:
+        raise ConfigError(f"--dataloader_workers {cfg.dataloader_workers}: must be between 0 and {MAX_WORKERS} "
+                          f"(threads that decode the images; about the number of CPU cores, e.g. 4).")
+    if not (isinstance(cfg.seed, int) and 0 <= cfg.seed <= MAX_SEED):
+        raise ConfigError(f"--seed {cfg.seed!r}: must be a whole number from 0 to {MAX_SEED} (2**32 - 1): torch "
+                          "takes seeds below 2**64, and the kit derives per-process and per-step seeds from it "
+                          "(seed * 1000003 + step), which must stay in that range. E.g. --seed 0.")
+    if cfg.time_steps > MAX_TIME_STEPS:
+        raise ConfigError(f"--time_steps {cfg.time_steps}: at most {MAX_TIME_STEPS} (every sample runs T network "
+                          "passes). The course uses 50; 1000, as in the DDPM paper, is the usual maximum.")
     if cfg.data_class not in DATA_CLASSES:
         raise ConfigError(f"--data_class {cfg.data_class!r}: unknown class; choose one of {', '.join(DATA_CLASSES)}.")
     if not cfg.unet_dim_mults or any(m <= 0 for m in cfg.unet_dim_mults):
         raise ConfigError(f"--unet_dim_mults {list(cfg.unet_dim_mults)}: give positive integers, e.g. 1 2 4 8.")
+    if cfg.image_size > MAX_IMAGE_SIZE:
+        raise ConfigError(f"--image_size {cfg.image_size}: at most {MAX_IMAGE_SIZE}, AFHQ's own resolution (every "
+                          "image is kept decoded in memory). The course uses 32.")
     downsamples = 2 ** (len(cfg.unet_dim_mults) - 1)
     if cfg.image_size % downsamples:
         raise ConfigError(
@@ -120,14 +160,37 @@ def validate_config(cfg: Config):
         )
     if cfg.unet_dim % 8:
         raise ConfigError(f"--unet_dim {cfg.unet_dim}: GroupNorm uses 8 groups, so it must be a multiple of 8.")
+    if cfg.unet_dim > MAX_UNET_DIM:
+        raise ConfigError(f"--unet_dim {cfg.unet_dim}: at most {MAX_UNET_DIM} (the parameter count grows with its "
+                          "square: 2.47 M at 16, the course's value; DDPM's CIFAR-10 model uses 128).")
     root = math.isqrt(cfg.sample_grid_size)
-    if root * root != cfg.sample_grid_size:
-        raise ConfigError(f"--sample_grid_size {cfg.sample_grid_size}: must be a square number such as 36 or 64.")
-    if cfg.load_path is not None and not os.path.isfile(cfg.load_path):
+    if root * root != cfg.sample_grid_size or cfg.sample_grid_size > MAX_SAMPLE_GRID:
+        raise ConfigError(f"--sample_grid_size {cfg.sample_grid_size}: must be a square number from 1 to "
+                          f"{MAX_SAMPLE_GRID}, such as 36 or 64.")
+    if cfg.fid_num_samples < 2 or cfg.fid_num_samples > MAX_FID_SAMPLES:
         raise ConfigError(
-            f"--load_path {cfg.load_path!r}: no such checkpoint file. Point it at a checkpoint.pt written by training "
-            f"(e.g. {os.path.join(cfg.save_folder, 'checkpoint.pt')})."
+            f"--fid_num_samples {cfg.fid_num_samples}: must be from 2 (a covariance needs at least two images) to "
+            f"{MAX_FID_SAMPLES}. FID is only comparable between runs with the same count and is reliable with "
+            "thousands of images (clean-fid recommends at least 2048 for Inception features); the default is 1000."
         )
+    if cfg.load_path is not None:
+        if not os.path.exists(cfg.load_path):
+            raise ConfigError(
+                f"--load_path {cfg.load_path!r}: no such checkpoint file. Point it at a checkpoint.pt written by "
+                f"training (e.g. {os.path.join(cfg.save_folder, CHECKPOINT_NAME)})."
+            )
+        _check_checkpoint_file(cfg.load_path, "--load_path",
+                               "Point it at a checkpoint.pt written by training "
+                               f"(e.g. {os.path.join(cfg.save_folder, CHECKPOINT_NAME)}).")
+    checkpoint = os.path.join(cfg.save_folder, CHECKPOINT_NAME)
+    if os.path.exists(checkpoint) and not os.path.isfile(checkpoint):  # in the way of every save, --fresh or not
+        raise ConfigError(f"{checkpoint!r} is in the way of this run's checkpoint: it is "
+                          f"{'a folder' if os.path.isdir(checkpoint) else 'not a regular file'}. Remove or rename it, "
+                          "or pass another --save_folder.")
+    if os.path.isfile(checkpoint) and not cfg.fresh and not (cfg.visualize and cfg.load_path):  # may be resumed
+        _check_checkpoint_file(checkpoint, "--save_folder's checkpoint",
+                               "Remove or rename it, or pass --fresh to start over (it is then replaced), "
+                               "or another --save_folder.")
     check_writable(cfg.save_folder)
 
 

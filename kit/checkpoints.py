@@ -51,14 +51,20 @@ def finite(module):
 
 def read_checkpoint(path, signature):
     """The saved state, checked to be this kit's and to fit `signature` (Config.model_signature). Raises ConfigError."""
+    fix = ("Pass a checkpoint.pt written by this kit's training as --load_path, or start over with --fresh "
+           "(or another --save_folder).")
     try:
         # on the CPU: RNG states must stay there; load_state_dict moves the rest to the parameters' device
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same actionable message
-        raise ConfigError(f"checkpoint {path!r} could not be read ({type(error).__name__}: {error}); "
-                          "pass another --load_path, or --fresh to start over.") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ConfigError(f"{path!r} is not a checkpoint written by this kit's trainer; pass another --load_path.")
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise ConfigError(f"checkpoint {path!r} could not be read ({reason}). {fix}") from None
+    except Exception:  # noqa: BLE001 - torch's own message advises loading unsafely: say what it means instead
+        raise ConfigError(f"{path!r} is not a checkpoint of this kit (or it is damaged): it holds something other "
+                          f"than the plain tensors and numbers its training saves. {fix}") from None
+    if not (isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT
+            and isinstance(state.get("signature"), dict)):
+        raise ConfigError(f"{path!r} is not a checkpoint written by this kit's training. {fix}")
     theirs = state["signature"]
     mismatched = [f"{k}={theirs.get(k)} (this run: {v})" for k, v in signature.items() if theirs.get(k) != v]
     if mismatched:

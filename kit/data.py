@@ -38,16 +38,44 @@ def list_images(data_path, data_class):
     return files
 
 
-def load_image(path, load_size):
-    """Decode one image and resize it as torchvision's Resize(load_size) does on a PIL image (bilinear,
-    shorter side to load_size), then center-crop to a square so that all images stack into one tensor."""
+SIXTEEN_BIT_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # how Pillow opens 16-bit grayscale PNGs
+TRANSPARENT_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+BACKGROUND = (255, 255, 255)  # transparent pixels are shown on white, as an image viewer or a web page does
+
+
+def to_rgb(img):
+    """An 8-bit RGB copy of a PIL image, and whether it had transparent pixels. 16-bit grayscale is scaled to
+    8 bits (value / 257: 65535 -> 255, 32768 -> 128) rather than saturated, as convert("RGB") does; images
+    with transparency (an alpha channel, or a palette or tRNS transparent color) are composited on white rather
+    than having their alpha dropped, which would show the colors hidden under transparent pixels."""
+    if img.mode in SIXTEEN_BIT_GRAY_MODES:
+        values = np.asarray(img).astype(np.float64)
+        return Image.fromarray(np.clip(np.round(values / 257), 0, 255).astype(np.uint8), "L").convert("RGB"), False
+    if img.mode in TRANSPARENT_MODES or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        if rgba.getchannel("A").getextrema()[0] < 255:
+            background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+            return Image.alpha_composite(background, rgba).convert("RGB"), True
+        return rgba.convert("RGB"), False
+    return img.convert("RGB"), False
+
+
+def decode_image(path, load_size):
+    """Decode one image (see `to_rgb`) and resize it as torchvision's Resize(load_size) does on a PIL image
+    (bilinear, shorter side to load_size), then center-crop to a square so that all images stack into one tensor.
+    Returns (uint8 (load_size, load_size, 3) array, whether the image had transparent pixels)."""
     with Image.open(path) as img:
-        img = img.convert("RGB")
+        img, transparent = to_rgb(img)
         w, h = img.size
         scale = load_size / min(w, h)
         img = img.resize((max(load_size, round(w * scale)), max(load_size, round(h * scale))), Image.BILINEAR)
         left, top = (img.size[0] - load_size) // 2, (img.size[1] - load_size) // 2
-        return np.asarray(img.crop((left, top, left + load_size, top + load_size)), dtype=np.uint8)
+        return np.asarray(img.crop((left, top, left + load_size, top + load_size)), dtype=np.uint8), transparent
+
+
+def load_image(path, load_size):
+    """The uint8 (load_size, load_size, 3) array of one image (see `decode_image`)."""
+    return decode_image(path, load_size)[0]
 
 
 class ImageData:
@@ -60,16 +88,20 @@ class ImageData:
 
         def decode(path):
             try:
-                return load_image(path, self.load_size)
+                return decode_image(path, self.load_size)
             except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError):
                 return None
 
         with ThreadPoolExecutor(max(1, workers)) as pool:
             decoded = list(tqdm(pool.map(decode, files), total=len(files), desc="Decoding images", leave=False))
         skipped = [f for f, img in zip(files, decoded) if img is None]
-        images = [img for img in decoded if img is not None]
+        transparent = [f for f, img in zip(files, decoded) if img is not None and img[1]]
+        images = [img[0] for img in decoded if img is not None]
         if skipped:
             print(f"Skipped {len(skipped)} unreadable or non-image file(s), e.g. {skipped[0]}")
+        if transparent:
+            print(f"{len(transparent)} image(s) had transparent pixels: composited on a white background, "
+                  f"e.g. {transparent[0]}")
         if not images:
             raise ConfigError(
                 f"none of the {len(files)} files under {os.path.dirname(files[0])!r} could be read as an image: "

@@ -1,16 +1,17 @@
 """FID with clean-fid's features and resizing, without the folder round-trip.
 
 clean-fid's folder API (`compute_fid(gen_dir, real_dir)`) writes PNGs, reads them back and recomputes the real
-images' features at every evaluation. Here the real images' statistics are computed once per
-(data, class, image size, extractor) and cached on disk, and generated images go from memory to the
-feature extractor in large batches, through clean-fid's own resizer and Frechet distance, so the value
-equals the folder-based one on the same images.
+images' features at every evaluation. Here the real images' statistics are computed once per set of reference
+images (keyed on their pixels, so changed images are never scored against stale statistics) and extractor, and
+cached on disk; generated images go from memory to the feature extractor in large batches, through clean-fid's
+own resizer and Frechet distance, so the value equals the folder-based one on the same images.
 """
 import hashlib
 import http.client
 import os
 import platform
 import urllib.request
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -35,10 +36,37 @@ def statistics_cache_dir():
     return os.environ.get("DDPM_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "ddpm-homework"))
 
 
+def inception_problem(path):
+    """What is wrong with an Inception weights file (a TorchScript zip archive), or None if it is whole. Reads
+    the file once to check every part's checksum (a fraction of a second for its 95 MB)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except zipfile.BadZipFile:
+        return "it is truncated or not a TorchScript archive"
+    except OSError as error:
+        return f"it cannot be read: {error.strerror or error}"
+    except Exception as error:  # noqa: BLE001 - zlib or struct errors of a damaged archive
+        return f"it is damaged: {type(error).__name__}"
+    return f"its part {damaged} is damaged" if damaged is not None else None
+
+
+def damaged_inception_error(path, problem):
+    return FIDSetupError(
+        f"the Inception weights file for --fid, {path}, is unusable ({problem}). Delete it so that the next run "
+        f"downloads it again, or copy a good {INCEPTION_FILE} there (downloaded on a machine with internet access "
+        f"from {INCEPTION_URL}); or run without --fid."
+    )
+
+
 def ensure_inception_weights(url=None, timeout=30):
-    """Make sure clean-fid's Inception weights are on disk, downloading them once if needed."""
+    """Make sure clean-fid's Inception weights are on disk and whole, downloading them once if needed. Raises
+    FIDSetupError naming the file and the fix, at start-up rather than at the first evaluation."""
     path = os.path.join(inception_dir(), INCEPTION_FILE)
     if os.path.isfile(path) and os.path.getsize(path) > 0:
+        problem = inception_problem(path)
+        if problem:
+            raise damaged_inception_error(path, problem)
         return path
     url = url or os.environ.get("DDPM_INCEPTION_URL", INCEPTION_URL)
     tmp = path + ".part"
@@ -51,6 +79,9 @@ def ensure_inception_weights(url=None, timeout=30):
                     bar.update(len(chunk))
         if total is not None and os.path.getsize(tmp) != total:
             raise OSError(f"the download stopped after {os.path.getsize(tmp)} of {total} bytes")
+        problem = inception_problem(tmp)
+        if problem:
+            raise ValueError(f"the downloaded file is unusable: {problem}")
         os.replace(tmp, path)
     except (OSError, ValueError, http.client.HTTPException) as error:
         if os.path.exists(tmp):
@@ -92,7 +123,12 @@ def build_extractor(name, device):
         from cleanfid.inception_torchscript import InceptionV3W
 
         # what clean-fid's build_feature_extractor("clean") builds, reading the weights from inception_dir()
-        return InceptionV3W(inception_dir(), download=False, resize_inside=False).to(device).eval()
+        try:
+            return InceptionV3W(inception_dir(), download=False, resize_inside=False).to(device).eval()
+        except Exception as error:  # noqa: BLE001 - a whole archive that is not clean-fid's network
+            raise damaged_inception_error(os.path.join(inception_dir(), INCEPTION_FILE),
+                                          f"torch could not load it as clean-fid's Inception network: "
+                                          f"{type(error).__name__}") from None
     raise FIDSetupError(f"unknown FID extractor {name!r}: choose 'inception' or 'tiny'.")
 
 
@@ -149,23 +185,58 @@ def frechet_distance(stats, reference_stats, reference_sqrt):
     return float(((mu - mu_r) ** 2).sum() + np.trace(sigma) + np.trace(sigma_r) - 2 * trace_sqrt)
 
 
-class FIDScorer:
-    """FID of generated images against cached statistics of the real ones."""
+def reference_key(real_images_uint8_hwc, extractor_name, label=None):
+    """A key for the real images' statistics: a hash of their pixels, with the extractor's name and the images'
+    shape (so their size). File names and sizes are no key: images changed in place keep both."""
+    digest = hashlib.sha256(f"{extractor_name}|{real_images_uint8_hwc.shape}|{real_images_uint8_hwc.dtype}|"
+                            f"{label or ''}".encode())
+    digest.update(np.ascontiguousarray(real_images_uint8_hwc).data)
+    return digest.hexdigest()[:24]
 
-    def __init__(self, real_images_uint8_hwc, *, extractor_name, device, cache_dir, cache_key, workers=4):
+
+def read_statistics(path):
+    """(mu, sigma) from a cache file written by FIDScorer. Raises ValueError saying what is wrong with it."""
+    try:
+        with np.load(path, allow_pickle=False) as cached:
+            mu, sigma = np.asarray(cached["mu"]), np.asarray(cached["sigma"])
+    except Exception as error:  # noqa: BLE001 - truncated, not an npz, missing keys: all mean "recompute"
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else type(error).__name__
+        raise ValueError(f"not a readable statistics file: {reason}") from None
+    if not (mu.ndim == 1 and mu.size > 0 and sigma.shape == (mu.size, mu.size)):
+        raise ValueError(f"wrong shapes: mean {mu.shape}, covariance {sigma.shape}")
+    if not (np.issubdtype(mu.dtype, np.floating) and np.issubdtype(sigma.dtype, np.floating)):
+        raise ValueError(f"wrong types: {mu.dtype}, {sigma.dtype}")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError("it holds NaN or infinite values")
+    return mu, sigma
+
+
+class FIDScorer:
+    """FID of generated images against cached statistics of the real ones (keyed on their pixels; `cache_key`
+    is an optional extra label)."""
+
+    def __init__(self, real_images_uint8_hwc, *, extractor_name, device, cache_dir, cache_key=None, workers=4):
         self.features = FeatureComputer(build_extractor(extractor_name, device), device, workers=workers)
-        key = hashlib.sha1(f"{cache_key}|{extractor_name}".encode()).hexdigest()[:16]
-        self.cache_path = os.path.join(cache_dir, f"fid_stats_{extractor_name}_{key}.npz")
+        key = reference_key(real_images_uint8_hwc, extractor_name, cache_key)
+        size = "x".join(map(str, real_images_uint8_hwc.shape[1:3]))
+        self.cache_path = os.path.join(cache_dir, f"fid_stats_{extractor_name}_{size}_{key}.npz")
         self.real_stats = self._load_or_compute(real_images_uint8_hwc)
         self.real_sigma_sqrt = symmetric_sqrt(self.real_stats[1])
 
     def _load_or_compute(self, real_images):
-        if os.path.isfile(self.cache_path):
-            with np.load(self.cache_path) as cached:
-                return cached["mu"], cached["sigma"]
+        if os.path.lexists(self.cache_path):
+            try:
+                return read_statistics(self.cache_path)
+            except ValueError as problem:
+                print(f"The FID reference statistics cache {self.cache_path} is unusable ({problem}): "
+                      "recomputing it and replacing the file.")
         mu, sigma = statistics(self.features(real_images, description="FID reference statistics (once)"))
-        os.makedirs(os.path.dirname(self.cache_path), exist_ok=True)
-        atomic_write(self.cache_path, lambda f: np.savez(f, mu=mu, sigma=sigma))
+        try:
+            os.makedirs(os.path.dirname(self.cache_path), exist_ok=True)
+            atomic_write(self.cache_path, lambda f: np.savez(f, mu=mu, sigma=sigma))
+        except OSError as error:
+            print(f"Could not write the FID reference statistics cache {self.cache_path} "
+                  f"({error.strerror or error}): continuing without it (set DDPM_CACHE_DIR to a writable folder).")
         return mu, sigma
 
     def score(self, images):
@@ -175,9 +246,8 @@ class FIDScorer:
 
 
 def scorer_for_data(data, cfg, device):
-    """The FIDScorer for a run: the center crops of its training images (kit.data.ImageData) as the reference."""
+    """The FIDScorer for a run: the center crops of its training images (kit.data.ImageData) as the reference,
+    its statistics cached under a hash of those pixels."""
     real = data.center_crops().permute(0, 2, 3, 1).cpu().numpy()
-    fingerprint = "|".join(f"{os.path.basename(f)}:{os.path.getsize(f)}" for f in data.files)
     return FIDScorer(real, extractor_name=cfg.fid_extractor, device=device, cache_dir=statistics_cache_dir(),
-                     cache_key=f"{cfg.data_class}|{cfg.image_size}|{len(real)}|{fingerprint}",
                      workers=max(1, cfg.dataloader_workers))

@@ -98,7 +98,8 @@ def test_incompatible_checkpoint_is_refused_naming_the_mismatch(tmp_path, image_
     expect_config_error(r"image_size=16 \(this run: 32\)", tmp_path / "other", image_folder, image_size=32,
                         load_path=str(tmp_path / "checkpoint.pt"))
     (tmp_path / "junk.pt").write_bytes(b"garbage")
-    expect_config_error(r"could not be read", tmp_path / "third", image_folder, load_path=str(tmp_path / "junk.pt"))
+    expect_config_error(r"junk.pt.* is not a checkpoint written by this kit", tmp_path / "third", image_folder,
+                        load_path=str(tmp_path / "junk.pt"))
 
 
 def test_cli_exits_2_with_the_message_and_no_traceback(tmp_path):
