@@ -199,12 +199,14 @@ def fake_samples(count):
 
 
 def our_config(args, **overrides):
-    from utils import Config
+    """The trainer's config, validated as train_diffusion validates it (this also makes the save folder)."""
+    from utils import checked_config
 
-    return Config(data_path=args.data, data_class="cat", save_folder=os.path.join(args.workdir, "ours"),
-                  batch_size=args.batch, grad_accum=ACCUM, image_size=IMAGE_SIZE, unet_dim=DIM, unet_dim_mults=MULTS,
-                  time_steps=T, fid=False, save_and_sample_every=BIG, wandb="disabled", device=args.device,
-                  amp=args.amp, fresh=True, seed=0, **overrides)
+    return checked_config(dict(
+        data_path=args.data, data_class="cat", save_folder=os.path.join(args.workdir, "ours"), batch_size=args.batch,
+        grad_accum=ACCUM, image_size=IMAGE_SIZE, unet_dim=DIM, unet_dim_mults=MULTS, time_steps=T, fid=False,
+        save_and_sample_every=BIG, wandb="disabled", device=args.device, amp=args.amp, fresh=True, seed=0,
+        **overrides))
 
 
 def our_trainer(args, **overrides):
@@ -229,13 +231,15 @@ def job_train_ours(args, device):
 
 def job_train_pure(args, device):
     # the trainer's own model, optimizer, AMP policy and scaler, on synthetic tensors already on the device
+    from kit.device import autocast
+
     trainer, _ = our_trainer(args, train_steps=1)
     x_0 = torch.randn(args.batch, 3, IMAGE_SIZE, IMAGE_SIZE, device=trainer.device).clamp(-1, 1)
 
     def steps(n):
         for _ in range(n):
             for _ in range(ACCUM):
-                with trainer._autocast():
+                with autocast(trainer.device, trainer.amp_dtype):
                     loss = trainer.diffusion(x_0, torch.randn_like(x_0)) / ACCUM
                 trainer.scaler.scale(loss).backward()
             trainer.scaler.step(trainer.optimizer)
