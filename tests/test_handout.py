@@ -189,3 +189,10 @@ def test_render_readme_markers():
     for broken in ["a <!-- instructors-only --> b", "<!-- students-only: never closed", "x <!-- /instructors-only -->"]:
         with pytest.raises(ValueError, match="unmatched"):
             render(broken)
+
+
+def test_no_development_paths_anywhere_in_the_handout(handout):
+    folder, _ = handout
+    for path in folder.rglob("*"):
+        if path.is_file() and path.suffix in (".py", ".md", ".ipynb", ".txt", ".ini"):
+            assert "../shared" not in path.read_text(encoding="utf-8"), f"{path.relative_to(folder)} names ../shared"

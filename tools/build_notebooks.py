@@ -215,20 +215,21 @@ args = dict(
 )
 
 # Headless test mode (the test suite sets DDPM_SMOKE=1): a few CPU steps, no installs, no network, outputs in a
-# temporary folder. Real images from ../shared/afhq36 when that folder exists, else generated ones.
+# temporary folder. Real images from the folder DDPM_SMOKE_DATA names (the tests': the course's 36x36 copy), else
+# generated ones.
 SMOKE = os.environ.get("DDPM_SMOKE") == "1"
 if SMOKE:
     import tempfile
 
     smoke_dir = os.environ.get("DDPM_SMOKE_DIR") or tempfile.mkdtemp(prefix="ddpm-smoke-")
-    shared_data = os.path.join("..", "shared", "afhq36", "train")
+    smoke_data = os.environ.get("DDPM_SMOKE_DATA", "")
     args.update(  # two milestones, so that the curves have two points; 10 diffusion steps keep sampling quick
         train_steps=2, save_and_sample_every=1, batch_size=8, time_steps=10, fid=True, fid_extractor="tiny",
         fid_num_samples=8, sample_grid_size=4, log_every=1, dataloader_workers=2, device="cpu", wandb="disabled",
         save_folder=os.path.join(smoke_dir, "results"),
     )
-    if os.path.isdir(shared_data):
-        args["data_path"] = shared_data
+    if smoke_data and os.path.isdir(smoke_data):
+        args["data_path"] = smoke_data
     else:
         args["smoke"] = True
     print("smoke mode:", args)'''
