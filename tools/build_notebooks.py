@@ -134,8 +134,9 @@ KAGGLE = Platform(
    runs are logged offline (`wandb sync` uploads them later).
 5. Edit the **parameters** cell, then *Run All*.""",
     resume_note="""\
-Outputs go to `/kaggle/working/results`. They last as long as the session; set *Settings → Persistence →
-Files* to keep them across sessions, or *Save Version* to keep them as the notebook's output.""",
+Your code (`/kaggle/working/ddpm`) and the outputs (`/kaggle/working/results`) last as long as the session; set
+*Settings → Persistence → Files* to keep them across sessions, or *Save Version* to keep them as the notebook's
+output. The images (`/tmp/data`) are neither kept nor saved with the notebook: the data cell rebuilds them.""",
     settings='''\
 CODE_DIR = ""                      # where the code is copied (from /kaggle/input) or REPO_URL cloned; "" = /kaggle/working/ddpm
 REPO_URL = ""                      # optional: git URL of your copy of the homework code (internet on)
