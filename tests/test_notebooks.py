@@ -401,6 +401,9 @@ def test_code_cell_unzips_an_uploaded_handout_zip(name, tmp_path, monkeypatch, i
                                                                                            "STUDENT_EDIT = 2"))
     ns["reload_homework"]()
     assert importlib.import_module("diffusion").STUDENT_EDIT == 2
+    for module_name, module in list(sys.modules.items()):  # none of the kit's modules left from elsewhere
+        if module_name.split(".")[0] in ns["HOMEWORK_MODULES"] and getattr(module, "__file__", None):
+            assert Path(module.__file__).is_relative_to(code_dir), (module_name, module.__file__)
 
     import zipfile
 

@@ -344,9 +344,12 @@ def install_code(source, dest):
     return dest
 
 
+HOMEWORK_MODULES = {"diffusion", "unet", "utils", "trainer", "fid", "kit"}  # and their submodules
+
+
 def reload_homework():
-    \"\"\"Forget the homework's modules (diffusion, unet, utils, trainer, fid and any other module whose file lives
-    in the homework folder) and import utils again, so that the next call runs the code as it is on disk now:
+    \"\"\"Forget the homework's modules (diffusion, unet, utils, trainer, fid, kit.* and any other module whose file
+    lives in the homework folder) and import utils again, so that the next call runs the code as it is on disk now:
     edits to diffusion.py take effect without restarting the runtime.\"\"\"
     folder = os.path.join(code, "")
     for name, module in list(sys.modules.items()):
@@ -355,7 +358,7 @@ def reload_homework():
             files += list(getattr(module, "__path__", None) or [])
         except TypeError:
             pass
-        if name in ("diffusion", "unet", "utils", "trainer", "fid") or any(
+        if name.split(".")[0] in HOMEWORK_MODULES or any(
                 isinstance(f, str) and os.path.abspath(f).startswith(folder) for f in files):
             del sys.modules[name]
     importlib.invalidate_caches()
