@@ -354,6 +354,10 @@ def isolated_imports():
     sys.dont_write_bytecode = bytecode
 
 
+def code_cell_source(name):
+    return next(c.source for c in nbformat.read(REPO / name, as_version=4).cells if c.get("id") == "code")
+
+
 def build_handout_zip(zip_path):
     spec = importlib.util.spec_from_file_location("make_handout", REPO / "tools" / "make_handout.py")
     module = importlib.util.module_from_spec(spec)
@@ -390,6 +394,8 @@ def test_code_cell_unzips_an_uploaded_handout_zip(name, tmp_path, monkeypatch, i
     (code_dir / "diffusion.py").write_text((code_dir / "diffusion.py").read_text() + "\nSTUDENT_EDIT = 1\n")
     ns = run()
     assert "already unpacked" in capsys.readouterr().out
+    exec(compile(code_cell_source(name), "code", "exec"), ns)  # Run all again in the same kernel: cwd is the code now
+    assert "already unpacked" in capsys.readouterr().out and ns["START_DIR"] == str(upload)
     assert "STUDENT_EDIT = 1" in (code_dir / "diffusion.py").read_text()
 
     # the student's code, as on disk now, is what the training cell runs: no restart needed after an edit

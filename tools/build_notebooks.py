@@ -80,7 +80,7 @@ DATA_SOURCE = ""                               # optional: the course data zip o
     save_folder='os.path.join(DRIVE_FOLDER, "results") if USE_DRIVE else "/content/results"',
     data_path='"/content/data/train"',
     code_home='os.path.join(DRIVE_FOLDER, "code") if USE_DRIVE and os.path.isdir(DRIVE_FOLDER) else "/content/ddpm"',
-    zip_search='[os.getcwd(), "/content", DRIVE_FOLDER]',
+    zip_search='[START_DIR, "/content", DRIVE_FOLDER]',
     code_search='[CODE_DIR, DRIVE_FOLDER, "/content"]',
     data_search='[".", "/content", DRIVE_FOLDER]',
     secret_getter='''\
@@ -144,7 +144,7 @@ DATA_SOURCE = ""                   # optional: the data zip or AFHQ folder under
     save_folder='"/kaggle/working/results"',
     data_path='"/tmp/data/train"',  # the runtime's disk: not in the notebook's saved output
     code_home='"/kaggle/working/ddpm"',
-    zip_search='["/kaggle/input", "/kaggle/working", os.getcwd()]',
+    zip_search='["/kaggle/input", "/kaggle/working", START_DIR]',
     code_search='["/kaggle/input", CODE_DIR, "/kaggle/working"]',  # the input first: CODE_DIR holds its copy
     data_search='["/kaggle/input", "."]',
     secret_getter='''\
@@ -366,9 +366,10 @@ def reload_homework():
 
 
 sys.dont_write_bytecode = True  # no stale .pyc beside your code (on Drive, too)
+START_DIR = globals().get("START_DIR") or os.getcwd()  # where the notebook started: this cell chdirs into the code
 CODE_DIR = CODE_DIR or ($code_home)
 zip_search, code_search = $zip_search, $code_search
-code = find_code([os.getcwd()], depth=0)  # a Jupyter started in the homework folder uses it as it is
+code = find_code([START_DIR], depth=0)  # a Jupyter started in the homework folder uses it as it is
 if code:
     print("homework code in the working directory:", code)
 elif zips := ([] if SMOKE else code_zips(zip_search)):
