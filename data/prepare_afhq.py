@@ -20,6 +20,8 @@ JPEGs dominates the run time anyway. Outputs are RGB JPEGs at quality 95.
 
 The run is idempotent: images already present in the output are skipped (``--overwrite`` rebuilds them), and
 every file is written to a temporary name first, so an interrupted run never leaves a half-written image.
+``--download`` first checks the output: when every requested split and class already holds AFHQ v1's image count
+of readable images, it skips the download (and works offline), so the README's one-liner can be re-run.
 """
 from __future__ import annotations
 
@@ -333,19 +335,15 @@ def download(url: str, dest: Path, sha256=None, timeout: float = 60.0) -> Path:
 # --------------------------------------------------------------------------------------------------- verify
 
 
-def verify(root: Path, size: int, classes, splits) -> bool:
-    """Count images per split/class and check that each is an RGB size x size image. Returns True when all good."""
-    if not root.is_dir():
-        raise DataToolError(f"--verify: {root} is not a folder; build it first (see --help) or pass the folder "
-                            f"that holds train/ and val/")
-    ok = True
+def survey(root: Path, size: int, classes, splits, desc: str = "verify"):
+    """Check every image under root/<split>/<class>/: [(name, count, expected count, [bad files]), ...]."""
     rows = []
     for split in splits:
         for cls in classes:
             d = root / split / cls
             files = sorted(p for p in d.iterdir() if p.is_file() and _is_image(p.name)) if d.is_dir() else []
             bad = []
-            for p in tqdm(files, desc=f"verify {split}/{cls}", unit="img", dynamic_ncols=True, leave=False):
+            for p in tqdm(files, desc=f"{desc} {split}/{cls}", unit="img", dynamic_ncols=True, leave=False):
                 try:
                     with Image.open(p) as im:
                         im.load()  # decode, to catch truncated files
@@ -353,22 +351,46 @@ def verify(root: Path, size: int, classes, splits) -> bool:
                             bad.append(f"{p.name}: {im.mode} {im.size[0]}x{im.size[1]}")
                 except OSError as e:
                     bad.append(f"{p.name}: unreadable ({e})")
-            expected = EXPECTED_COUNTS.get(split, {}).get(cls)
-            note = ""
-            if not files:
-                note = "MISSING" if not d.is_dir() else "EMPTY"
-                ok = False
-            elif bad:
-                note = f"{len(bad)} bad, e.g. {bad[0]}"
-                ok = False
-            elif expected is not None and len(files) != expected:
-                note = f"note: AFHQ v1 has {expected}"
-            rows.append((f"{split}/{cls}", len(files), note))
+            rows.append((f"{split}/{cls}", d, len(files), EXPECTED_COUNTS.get(split, {}).get(cls), bad))
+    return rows
+
+
+def verify(root: Path, size: int, classes, splits) -> bool:
+    """Count images per split/class and check that each is an RGB size x size image. Returns True when all good."""
+    if not root.is_dir():
+        raise DataToolError(f"--verify: {root} is not a folder; build it first (see --help) or pass the folder "
+                            f"that holds train/ and val/")
+    ok = True
+    lines = []
+    for name, d, n, expected, bad in survey(root, size, classes, splits):
+        note = ""
+        if not n:
+            note = "MISSING" if not d.is_dir() else "EMPTY"
+            ok = False
+        elif bad:
+            note = f"{len(bad)} bad, e.g. {bad[0]}"
+            ok = False
+        elif expected is not None and n != expected:
+            note = f"note: AFHQ v1 has {expected}"
+        lines.append((name, n, note))
     print(f"{root} (expecting {size}x{size} RGB):")
-    for name, n, note in rows:
+    for name, n, note in lines:
         print(f"  {name:<12} {n:>6}  {note}")
     print("OK" if ok else f"FAILED: rebuild with python {Path(__file__).name} --source ... --out {root} --overwrite")
     return ok
+
+
+def incomplete(root: Path, size: int, classes, splits):
+    """None when root already holds the whole dataset (every requested split/class with at least AFHQ v1's image
+    count, every image a readable size x size RGB image); otherwise what is missing, in words."""
+    if not root.is_dir():
+        return f"{root} does not exist yet"
+    for name, d, n, expected, bad in survey(root, size, classes, splits, desc="checking"):
+        if bad:
+            return f"{root / name} has {len(bad)} bad image(s), e.g. {bad[0]}"
+        if expected is None or n < expected:
+            return f"{root / name} has {n} of {expected} images"
+    return None
 
 
 # --------------------------------------------------------------------------------------------------- CLI
@@ -416,6 +438,18 @@ def run(args) -> int:
     if args.verify is not None:
         root = args.out if args.verify is True else args.verify
         return 0 if verify(root, args.size, classes, splits) else 1
+
+    if args.download and not args.overwrite:
+        # Re-running the one-liner must not fetch 1 GB again (nor fail offline) when the data is already built.
+        missing = incomplete(args.out, args.size, classes, splits)
+        if missing is None:
+            print(f"{args.out} already holds the complete data ({', '.join(splits)} of {', '.join(classes)}, "
+                  f"{args.size}x{args.size}, every image checked): skipping the download. "
+                  f"(--overwrite downloads and rebuilds it anyway)")
+            if "train" in splits:
+                print(f"done. Train with --data_path {args.out / 'train'}")
+            return 0
+        print(f"{missing}: downloading")
 
     if args.download:
         sha = args.sha256.strip().lower()

@@ -9,7 +9,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_AFHQ = os.path.join(REPO, "..", "shared", "afhq36")
 sys.path.insert(0, REPO)
 
+# One thread for torch/OpenMP/MKL, in this process and (through the environment) in every process the tests
+# start: on a busy 2-core machine a second OpenMP thread makes CPU torch about 10x slower, not faster.
+for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_name] = "1"
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
 from kit.data import make_smoke_data  # noqa: E402
+
+# A hang guard for the processes the tests start, not a speed limit: a loaded machine must not fail a test.
+HANG_GUARD_S = 1800
 
 
 @pytest.fixture(autouse=True)
@@ -41,7 +53,7 @@ def tiny_args(save_folder, data_path, **overrides):
     return args
 
 
-def run_main(*argv, env=None, timeout=240):
+def run_main(*argv, env=None, timeout=HANG_GUARD_S):
     """`python main.py ARGS` in a fresh process, as a student runs it."""
     return subprocess.run(
         [sys.executable, os.path.join(REPO, "main.py"), *map(str, argv)], capture_output=True, text=True,

@@ -434,6 +434,77 @@ def test_verify_shared_afhq36(capsys):
 
 
 def test_cli_help_shows_defaults():
-    r = subprocess.run([sys.executable, str(TOOL), "--help"], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, str(TOOL), "--help"], capture_output=True, text=True,
+                       timeout=1800)  # a hang guard, not a speed limit
     assert r.returncode == 0
     assert "(default: 36)" in r.stdout and "--download" in r.stdout and "--verify" in r.stdout
+
+
+# ------------------------------------------------------------------------------------------------ re-running --download
+
+
+@pytest.fixture
+def fake_counts(monkeypatch):
+    """The fake zip's image counts stand in for AFHQ v1's."""
+    monkeypatch.setattr(prep, "EXPECTED_COUNTS", {s: {c: n for c in CLASSES} for s, n in COUNTS.items()})
+
+
+def _closed_port_url():
+    import socket
+    with socket.socket() as s:  # a free port with nobody listening: any download attempt fails
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/afhq.zip"
+
+
+def test_download_skipped_when_data_is_complete(server, fake_counts, tmp_path, capsys):
+    out = tmp_path / "data"
+    assert run_tool("--download", "--url", server.url, "--sha256", server.sha256, "--out", out) == 0
+    (out / "downloads" / "afhq.zip").unlink()  # deleted after building, as the README allows
+    capsys.readouterr()
+    n = len(server.log)
+    assert run_tool("--download", "--url", server.url, "--out", out) == 0
+    log = capsys.readouterr().out
+    assert "already holds the complete data" in log and "skipping the download" in log
+    assert f"--data_path {out / 'train'}" in log
+    assert len(server.log) == n and not (out / "downloads" / "afhq.zip").exists()
+    # offline: the same command with no server at all
+    assert run_tool("--download", "--url", _closed_port_url(), "--out", out) == 0
+    assert "skipping the download" in capsys.readouterr().out
+    check_layout(out)
+
+
+def test_download_not_skipped_when_data_is_incomplete(server, fake_zip, fake_counts, tmp_path, capsys):
+    out = tmp_path / "data"
+    assert run_tool("--source", fake_zip, "--out", out) == 0
+    missing = out / "val" / "wild" / "flickr_wild_000001.jpg"
+    missing.unlink()
+    capsys.readouterr()
+    assert run_tool("--download", "--url", server.url, "--sha256", server.sha256, "--out", out) == 0
+    log = capsys.readouterr().out
+    assert f"{out / 'val' / 'wild'} has 1 of 2 images: downloading" in log
+    assert len(server.log) == 1 and missing.is_file()
+    check_layout(out)
+
+    # a corrupt image is not complete data either
+    (out / "train" / "dog" / "flickr_dog_000002.jpg").write_bytes(b"\xff\xd8 truncated")
+    (out / "downloads" / "afhq.zip").unlink()
+    err = _error(capsys, "--download", "--url", _closed_port_url(), "--out", out)
+    assert "download afhq.zip manually" in err  # tried to download (offline here), did not skip
+
+
+def test_download_overwrite_is_not_skipped(server, fake_zip, fake_counts, tmp_path, capsys):
+    out = tmp_path / "data"
+    assert run_tool("--source", fake_zip, "--out", out) == 0
+    capsys.readouterr()
+    assert run_tool("--download", "--overwrite", "--url", server.url, "--sha256", server.sha256, "--out", out) == 0
+    assert "skipping" not in capsys.readouterr().out and len(server.log) == 1
+
+
+@pytest.mark.skipif(not SHARED_AFHQ36.is_dir(), reason="shared 36x36 AFHQ copy (../shared/afhq36) not present")
+def test_readme_one_liner_reruns_offline_on_complete_data():
+    """`python data/prepare_afhq.py --download` as a user re-runs it, on the real 36x36 copy, with the network
+    unreachable: nothing is fetched or written."""
+    r = subprocess.run([sys.executable, str(TOOL), "--download", "--out", str(SHARED_AFHQ36), "--url", _closed_port_url()],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "already holds the complete data" in r.stdout and "skipping the download" in r.stdout

@@ -18,6 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
 
 import make_handout  # noqa: E402
+from conftest import HANG_GUARD_S  # noqa: E402
 
 N_TESTS = 45
 
@@ -32,7 +33,7 @@ def handout(tmp_path_factory):
 def run_pytest(folder, tmp_path):
     junit = tmp_path / "junit.xml"
     proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", f"--junitxml={junit}"],
-                          cwd=folder, capture_output=True, text=True, timeout=300,
+                          cwd=folder, capture_output=True, text=True, timeout=HANG_GUARD_S,
                           env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
     cases = ET.parse(junit).getroot().iter("testcase") if junit.exists() else []
     results = {}
@@ -51,8 +52,8 @@ def test_handout_contents(handout):
         assert (folder / name).is_file(), name
     for name in ["tests", "tools", "bench", ".ci", "build", ".git"]:
         assert not (folder / name).exists(), name
-    for name in make_handout.STUDENT_FILES:  # unchanged copies of whatever exists
-        if os.path.isfile(os.path.join(REPO, name)):
+    for name in make_handout.STUDENT_FILES:  # unchanged copies of whatever exists (README.md: rendered, below)
+        if os.path.isfile(os.path.join(REPO, name)) and name not in make_handout.RENDERED:
             with open(os.path.join(REPO, name), "rb") as a, open(folder / name, "rb") as b:
                 assert a.read() == b.read(), name
     assert "testpaths = test_diffusion.py" in (folder / "pytest.ini").read_text()
@@ -110,9 +111,87 @@ def test_smoke_run_asks_for_the_todos(handout, tmp_path):
         pytest.skip("main.py is not in the repository yet")
     work = tmp_path / "smoke"
     shutil.copytree(folder, work)
-    proc = subprocess.run([sys.executable, "main.py", "--smoke"], cwd=work, capture_output=True, text=True, timeout=300,
+    proc = subprocess.run([sys.executable, "main.py", "--smoke"], cwd=work, capture_output=True, text=True,
+                          timeout=HANG_GUARD_S,
                           env=dict(os.environ, WANDB_MODE="disabled"))
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output[-2000:]
     assert "implement the TODOs in diffusion.py" in output, output[-2000:]
     assert "Traceback" not in output, output[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------ the student README
+
+# Text that only makes sense in the instructors' master copy: none of it may reach the handout's READMEs.
+INSTRUCTOR_ONLY_PHRASES = [
+    "master copy", "full solution", "BEGIN SOLUTION", "END SOLUTION", "BEGIN/END SOLUTION", "Grading (instructors)",
+    "tests/", "tools/", "bench/", ".ci/", "../shared", "requirements-dev", "make_handout",
+    "make_autograder", "mutation", "alt_solutions", "GRADING.md", "RESULTS.md", "instructors-only", "students-only",
+    "<!--",
+]
+# What a student has to be told.
+STUDENT_INSTRUCTIONS = [
+    "Implement the TODOs in `diffusion.py`", "pytest test_diffusion.py", "python main.py", "run_in_colab.ipynb",
+    "run_in_kaggle.ipynb", "handout.zip", "7.1", "7.2", "7.3", "7.4", "7.5", "loss.png", "fid.png",
+    "forward_diffusion.png", "backward_diffusion.png", "download.pytorch.org/whl/cpu",
+]
+LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)"  # [text](target), ![alt](target)
+                  r"|^\s*\[[^\]]+\]:\s*<?(\S+?)>?(?:\s|$)"  # [ref]: target
+                  r"|<(?:img|a)\s[^>]*?(?:src|href)=\"([^\"]+)\"", re.M)  # <img src="..."> <a href="...">
+
+
+def relative_links(text):
+    targets = [next(t for t in m.groups() if t) for m in LINK.finditer(text)]
+    return [t for t in targets if not re.match(r"^(?:[a-z][a-z0-9+.-]*:|#)", t, re.I)]
+
+
+@pytest.mark.parametrize("readme", ["README.md", "data/README.md"])
+def test_handout_readmes_have_no_dead_links_and_no_instructor_text(handout, readme):
+    folder, _ = handout
+    text = (folder / readme).read_text(encoding="utf-8")
+    for phrase in INSTRUCTOR_ONLY_PHRASES:
+        assert phrase not in text, f"handout {readme} says {phrase!r}: mark that part instructors-only in {readme}"
+    links = relative_links(text)
+    if readme == "README.md":
+        assert any(link.startswith("data/README.md") for link in links)  # the check below sees the links
+    base = (folder / readme).parent
+    for link in links:
+        target = (base / link.split("#")[0]).resolve()
+        assert target.is_relative_to(folder.resolve()) and target.exists(), (
+            f"handout {readme} links to {link!r}, which is not in the handout")
+
+
+def test_handout_readme_tells_the_student_what_to_do(handout):
+    folder, _ = handout
+    text = (folder / "README.md").read_text(encoding="utf-8")
+    for instruction in STUDENT_INSTRUCTIONS:
+        assert instruction in text, f"the handout README does not say {instruction!r}"
+    # the Files table's diffusion.py row, in its student form
+    assert re.search(r"^\| `diffusion.py` \| the student's file[^\n|]*\(your TODOs\) \|", text, re.M)
+
+
+def test_master_readme_keeps_the_instructor_text_and_hides_the_student_text():
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        master = f.read()
+    assert "master copy" in master and "## Grading (instructors)" in master
+    shown = re.sub(r"<!--.*?-->", "", master, flags=re.S)  # what a Markdown viewer shows of the master
+    assert "## Your homework" not in shown and "(your TODOs)" not in shown
+    assert "## Your homework" in make_handout.render_readme(master)
+
+
+def test_render_readme_markers():
+    render = make_handout.render_readme
+    text = ("Intro.\n\n<!-- instructors-only -->\nfor instructors\n<!-- /instructors-only -->\n<!-- students-only:\n"
+            "## For students\n-->\n\n| a | b<!-- instructors-only --> (secret)<!-- /instructors-only --> |\n"
+            "| tools/ | x <!-- instructors-only line --> |\nEnd <!-- students-only: here --> now.\n")
+    assert render(text) == "Intro.\n\n## For students\n\n| a | b |\nEnd here now.\n"
+    for broken in ["a <!-- instructors-only --> b", "<!-- students-only: never closed", "x <!-- /instructors-only -->"]:
+        with pytest.raises(ValueError, match="unmatched"):
+            render(broken)
+
+
+def test_no_development_paths_anywhere_in_the_handout(handout):
+    folder, _ = handout
+    for path in folder.rglob("*"):
+        if path.is_file() and path.suffix in (".py", ".md", ".ipynb", ".txt", ".ini"):
+            assert "../shared" not in path.read_text(encoding="utf-8"), f"{path.relative_to(folder)} names ../shared"

@@ -32,4 +32,6 @@ def test_ci_runs_the_readme_test_command():
     with open(os.path.join(REPO, ".ci", "run"), encoding="utf-8") as f:
         ci_lines = [line.strip() for line in f if line.strip() and not line.startswith("#")]
     assert ci_lines[-1] == command
-    assert any("pip install" in line and "-r requirements.txt" in line for line in ci_lines)
+    assert any("pip install" in line and "-r requirements-dev.txt" in line for line in ci_lines)
+    with open(os.path.join(REPO, "requirements-dev.txt"), encoding="utf-8") as f:
+        assert "-r requirements.txt" in [line.strip() for line in f]  # the student's runtime, then the kit's tools

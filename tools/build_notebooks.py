@@ -32,7 +32,9 @@ class Platform:
     resume_note: str  # markdown: how outputs survive a disconnect
     settings: str  # code: platform-only knobs at the top of the parameters cell
     save_folder: str  # code: expression for args["save_folder"]
-    data_path: str  # code: expression for args["data_path"]
+    data_path: str  # code: expression for args["data_path"] (on the runtime's local disk)
+    code_home: str  # code: expression for the folder that handout.zip is unzipped / REPO_URL cloned into
+    zip_search: str  # code: list of folders searched for handout.zip
     code_search: str  # code: list of folders searched for the homework code
     data_search: str  # code: list of folders searched for the data
     secret_getter: str  # code: body of platform_secret(name)
@@ -47,26 +49,39 @@ COLAB = Platform(
     title="Google Colab",
     how_to_run="""\
 1. **GPU**: *Runtime → Change runtime type → T4 GPU* (this notebook asks for one already).
-2. **Your code**: upload your homework folder (the one holding `diffusion.py`, `unet.py`, `utils.py`,
-   `requirements.txt`) with the *Files* pane into `/content`, or keep it on Google Drive in `DRIVE_FOLDER`,
-   or set `REPO_URL` to your own git copy. The code cell finds it in any of these places.
+2. **Your code**, one of:
+   - **`handout.zip`** (the homework folder zipped, as you got it or with your `diffusion.py`): upload it with
+     the *Files* pane (left bar) into `/content`, or put it in `DRIVE_FOLDER` on Google Drive. The code cell
+     unzips it into `DRIVE_FOLDER/code` on Drive, where a recycled runtime does not lose it. Running again
+     keeps that folder (and your edits in it) until you upload a changed zip; a `diffusion.py` it replaces is
+     kept as `diffusion.py.bak`.
+   - **a folder on Google Drive**: upload the homework folder into `DRIVE_FOLDER` with Drive's web page (the
+     *Files* pane cannot upload folders); the code is used where it is.
+   - **a git URL**: set `REPO_URL` to your own git copy; it is cloned once into `DRIVE_FOLDER/code`.
+
+   Edit `diffusion.py` in place (double-click it in the *Files* pane): the training and figure cells
+   re-import your code each time, so there is no need to restart the runtime.
 3. **Data**: upload the course data zip (to `/content` or `DRIVE_FOLDER`, or set `DATA_SOURCE`); without one
-   the data cell downloads AFHQ and builds the 36×36 copy with `data/prepare_afhq.py --download`.
+   the data cell downloads AFHQ and builds the 36×36 copy with `data/prepare_afhq.py --download`. The images
+   go to the runtime's own disk (`/content/data`), not to Drive.
 4. **wandb (optional)**: add your API key as a Colab secret named `WANDB_API_KEY` (key icon in the left bar,
    turn on *Notebook access*). Without it, runs are logged offline (`wandb sync` uploads them later).
 5. Edit the **parameters** cell, then *Runtime → Run all*.""",
     resume_note="""\
-With `USE_DRIVE = True` the outputs go to `DRIVE_FOLDER/results` on your Google Drive, so they survive a
-recycled runtime; otherwise they live in the runtime's `results/` folder and are lost when Colab recycles it.""",
+With `USE_DRIVE = True` your code and the outputs live in `DRIVE_FOLDER` on your Google Drive (`code/`,
+`results/`), so they survive a recycled runtime; otherwise they live on the runtime's disk (`/content`) and are
+lost when Colab recycles it. The images are rebuilt on the runtime's disk when needed.""",
     settings='''\
-USE_DRIVE = True                               # keep results/ on Google Drive so a recycled runtime can resume
-DRIVE_FOLDER = "/content/drive/MyDrive/ddpm"   # your folder on Drive (code and/or data zip may live here too)
-CODE_DIR = "/content/ddpm"                     # where REPO_URL is cloned if the code is not found
+USE_DRIVE = True                               # keep code/ and results/ on Google Drive: a recycled runtime keeps them
+DRIVE_FOLDER = "/content/drive/MyDrive/ddpm"   # your folder on Drive: handout.zip (or your homework folder) goes here
+CODE_DIR = ""                                  # where handout.zip is unzipped / REPO_URL cloned; "" = DRIVE_FOLDER/code
 REPO_URL = ""                                  # optional: git URL of your copy of the homework code
 DATA_SOURCE = ""                               # optional: the course data zip or an AFHQ folder; "" = search''',
-    save_folder='os.path.join(DRIVE_FOLDER, "results") if USE_DRIVE else "./results"',
-    data_path='"./data/train"',
-    code_search='[os.getcwd(), CODE_DIR, "/content", DRIVE_FOLDER]',
+    save_folder='os.path.join(DRIVE_FOLDER, "results") if USE_DRIVE else "/content/results"',
+    data_path='"/content/data/train"',
+    code_home='os.path.join(DRIVE_FOLDER, "code") if USE_DRIVE and os.path.isdir(DRIVE_FOLDER) else "/content/ddpm"',
+    zip_search='[START_DIR, "/content", DRIVE_FOLDER]',
+    code_search='[CODE_DIR, DRIVE_FOLDER, "/content"]',
     data_search='[".", "/content", DRIVE_FOLDER]',
     secret_getter='''\
     from google.colab import userdata  # Colab secrets (key icon in the left bar)
@@ -84,8 +99,9 @@ if USE_DRIVE and not SMOKE:
         os.makedirs(DRIVE_FOLDER, exist_ok=True)
         print("Google Drive mounted; results go to", args["save_folder"])
     except Exception as error:  # not on Colab, or access refused
-        args["save_folder"] = "./results"
-        print(f"Google Drive not mounted ({error}); results stay in this runtime's ./results")
+        USE_DRIVE = False
+        args["save_folder"] = "/content/results"
+        print(f"Google Drive not mounted ({error}); code and results stay on this runtime's disk (/content)")
 else:
     print("Google Drive not used")'''),
     ),
@@ -97,32 +113,45 @@ KAGGLE = Platform(
     filename="run_in_kaggle.ipynb",
     title="Kaggle",
     how_to_run="""\
-1. **GPU and internet**: in the notebook's *Settings* (right panel) set *Accelerator* to a GPU (T4 or P100)
-   and turn *Internet on* (needs a phone-verified account). Internet is only needed to install missing
+1. **GPU and internet**: in the notebook's *Settings* (right panel) set *Accelerator* to **GPU T4 x2** and
+   turn *Internet on* (needs a phone-verified account). Not the P100: Kaggle's current torch build has no
+   kernels for it (the packages cell says so if you got one). Internet is only needed to install missing
    packages, to clone `REPO_URL`, to download the data, and for online wandb.
-2. **Your code**: *Add Input → Upload* your homework folder as a dataset (it appears under `/kaggle/input`,
-   read-only, and is copied to `CODE_DIR`), or set `REPO_URL` to your own git copy.
+2. **Your code**, one of:
+   - **`handout.zip`**: *Add Input → Upload* it as a dataset (it appears under `/kaggle/input`, read-only;
+     Kaggle may unzip it for you). The code cell copies it into `CODE_DIR` under `/kaggle/working`, and copies
+     it again only when you upload a changed version (a `diffusion.py` it replaces is kept as
+     `diffusion.py.bak`), so edits made in `CODE_DIR` are kept between runs.
+   - **your homework folder**, uploaded the same way.
+   - **a git URL**: set `REPO_URL` to your own git copy (internet on); it is cloned once into `CODE_DIR`.
+
+   The training and figure cells re-import your code each time: after editing `diffusion.py`, run them again
+   without restarting the kernel.
 3. **Data**: *Add Input* the course data (zip or folder) as a dataset; the data cell finds it under
    `/kaggle/input` (set `DATA_SOURCE` to pick one). Without it the data cell downloads AFHQ (internet on).
+   The images go to the runtime's disk (`/tmp/data`), not into the notebook's saved output.
 4. **wandb (optional)**: *Add-ons → Secrets*, add `WANDB_API_KEY` and tick it for this notebook. Without it,
    runs are logged offline (`wandb sync` uploads them later).
 5. Edit the **parameters** cell, then *Run All*.""",
     resume_note="""\
-Outputs go to `/kaggle/working/results`. They last as long as the session; set *Settings → Persistence →
-Files* to keep them across sessions, or *Save Version* to keep them as the notebook's output.""",
+Your code (`/kaggle/working/ddpm`) and the outputs (`/kaggle/working/results`) last as long as the session; set
+*Settings → Persistence → Files* to keep them across sessions, or *Save Version* to keep them as the notebook's
+output. The images (`/tmp/data`) are neither kept nor saved with the notebook: the data cell rebuilds them.""",
     settings='''\
-CODE_DIR = "/kaggle/working/ddpm"  # where the code is copied (from /kaggle/input) or REPO_URL cloned
+CODE_DIR = ""                      # where the code is copied (from /kaggle/input) or REPO_URL cloned; "" = /kaggle/working/ddpm
 REPO_URL = ""                      # optional: git URL of your copy of the homework code (internet on)
 DATA_SOURCE = ""                   # optional: the data zip or AFHQ folder under /kaggle/input; "" = search''',
     save_folder='"/kaggle/working/results"',
-    data_path='"/kaggle/working/data/train"',
-    code_search='["/kaggle/input", os.getcwd(), CODE_DIR]',  # the input first: its copy in CODE_DIR may be stale
+    data_path='"/tmp/data/train"',  # the runtime's disk: not in the notebook's saved output
+    code_home='"/kaggle/working/ddpm"',
+    zip_search='["/kaggle/input", "/kaggle/working", START_DIR]',
+    code_search='["/kaggle/input", CODE_DIR, "/kaggle/working"]',  # the input first: CODE_DIR holds its copy
     data_search='["/kaggle/input", "."]',
     secret_getter='''\
     from kaggle_secrets import UserSecretsClient  # Add-ons -> Secrets
 
     return UserSecretsClient().get_secret(name)''',
-    gpu_hint="Settings → Accelerator → GPU, then run all cells again",
+    gpu_hint="Settings → Accelerator → GPU T4 x2, then run all cells again",
     metadata=(("kaggle", {"accelerator": "gpu", "isGpuEnabled": True, "isInternetEnabled": True,
                           "language": "python", "sourceType": "notebook", "dataSources": []}),),
 )
@@ -187,39 +216,47 @@ args = dict(
 )
 
 # Headless test mode (the test suite sets DDPM_SMOKE=1): a few CPU steps, no installs, no network, outputs in a
-# temporary folder. Real images from ../shared/afhq36 when that folder exists, else generated ones.
+# temporary folder. Real images from the folder DDPM_SMOKE_DATA names (the tests': the course's 36x36 copy), else
+# generated ones.
 SMOKE = os.environ.get("DDPM_SMOKE") == "1"
 if SMOKE:
     import tempfile
 
     smoke_dir = os.environ.get("DDPM_SMOKE_DIR") or tempfile.mkdtemp(prefix="ddpm-smoke-")
-    shared_data = os.path.join("..", "shared", "afhq36", "train")
+    smoke_data = os.environ.get("DDPM_SMOKE_DATA", "")
     args.update(  # two milestones, so that the curves have two points; 10 diffusion steps keep sampling quick
         train_steps=2, save_and_sample_every=1, batch_size=8, time_steps=10, fid=True, fid_extractor="tiny",
         fid_num_samples=8, sample_grid_size=4, log_every=1, dataloader_workers=2, device="cpu", wandb="disabled",
         save_folder=os.path.join(smoke_dir, "results"),
     )
-    if os.path.isdir(shared_data):
-        args["data_path"] = shared_data
+    if smoke_data and os.path.isdir(smoke_data):
+        args["data_path"] = smoke_data
     else:
         args["smoke"] = True
     print("smoke mode:", args)'''
 
 CODE = '''\
-# ===== Your homework code: found here, copied from a read-only input, or cloned from REPO_URL =====
+# ===== Your homework code: handout.zip, a folder, or a git URL =====
+import hashlib
+import importlib
 import importlib.metadata
 import importlib.util
+import json
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 
 NOT_SEARCHED = {"drive", "sample_data", "results", "wandb", "__pycache__", "site-packages", "node_modules"}
 LEAVES = {"train", "val"}  # image folders: listed, never entered
+CODE_FILES = ("diffusion.py", "utils.py", "requirements.txt")
+SOURCE_STAMP = ".homework_source"  # in CODE_DIR: the fingerprint of the upload it was unpacked from
 
 
 def walk_dirs(roots, depth):
-    """Folders under roots, breadth-first, at most depth levels down (skipping hidden and bulky ones)."""
+    \"\"\"Folders under roots, breadth-first, at most depth levels down (skipping hidden and bulky ones).\"\"\"
     for root in roots:
         level = [root] if root and os.path.isdir(root) else []
         for _ in range(depth + 1):
@@ -237,64 +274,200 @@ def walk_dirs(roots, depth):
             level = below
 
 
-def find_code(roots):
-    for folder in walk_dirs(roots, depth=3):
-        if all(os.path.isfile(os.path.join(folder, f)) for f in ("diffusion.py", "utils.py", "requirements.txt")):
+def find_code(roots, depth=3):
+    for folder in walk_dirs(roots, depth):
+        if all(os.path.isfile(os.path.join(folder, f)) for f in CODE_FILES):
             return os.path.abspath(folder)
     return None
 
 
-def missing_requirements(path="requirements.txt"):
-    """Lines of requirements.txt that are not installed (or installed at a version the line excludes).
-    torch and torchvision are never replaced once importable: the platform's CUDA build must stay."""
-    from packaging.requirements import Requirement
-
-    missing = []
-    for line in open(path):
-        line = line.split("#")[0].strip()
-        if not line:
-            continue
-        requirement = Requirement(line)
-        try:
-            installed = importlib.metadata.version(requirement.name)
-        except importlib.metadata.PackageNotFoundError:
-            keep_torch = requirement.name == "torchvision" and importlib.util.find_spec("torch") is not None
-            missing.append(requirement.name if keep_torch else line)  # a torchvision that fits this torch
-            continue
-        if requirement.name not in ("torch", "torchvision") and not requirement.specifier.contains(installed, True):
-            missing.append(line)
-    return missing
+def code_zips(roots):
+    \"\"\"Zips under roots (two levels down) that hold the homework code, newest first: handout.zip or any name.\"\"\"
+    found = []
+    for folder in walk_dirs(roots, depth=2):
+        for name in sorted(os.listdir(folder)):
+            path = os.path.join(folder, name)
+            if name.lower().endswith(".zip") and os.path.isfile(path):
+                try:
+                    with zipfile.ZipFile(path) as archive:
+                        names = {n.rsplit("/", 1)[-1] for n in archive.namelist()}
+                except (OSError, zipfile.BadZipFile):
+                    continue
+                if all(f in names for f in CODE_FILES):
+                    found.append(os.path.abspath(path))
+    return sorted(set(found), key=os.path.getmtime, reverse=True)
 
 
-code_search = $code_search
-code = find_code(code_search)
-if code is None and REPO_URL and not SMOKE:
+def fingerprint(source):
+    \"\"\"Changes when the upload changes: the zip's bytes, or the names, sizes and times of a folder's files.\"\"\"
+    digest = hashlib.sha256()
+    if os.path.isfile(source):
+        with open(source, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    else:
+        for folder, dirs, files in os.walk(source):
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in NOT_SEARCHED | {"data"})
+            for name in sorted(files):
+                stat = os.stat(os.path.join(folder, name))
+                digest.update(f"{os.path.relpath(os.path.join(folder, name), source)} {stat.st_size} {stat.st_mtime_ns}\\n".encode())
+    return digest.hexdigest()
+
+
+def install_code(source, dest):
+    \"\"\"Unpack handout.zip (or copy a read-only folder) into dest, unless dest already holds this very upload:
+    then dest is used as it is, with the edits made there since. A diffusion.py that a new upload replaces is
+    kept as diffusion.py.bak.\"\"\"
+    stamp = os.path.join(dest, SOURCE_STAMP)
+    new = fingerprint(source)
+    if find_code([dest], depth=0) and os.path.isfile(stamp) and json.load(open(stamp)).get("fingerprint") == new:
+        print(f"{source}: already unpacked in {dest}; using that folder (your edits there are kept)")
+        return dest
+    with tempfile.TemporaryDirectory() as unpacked:
+        if os.path.isfile(source):
+            with zipfile.ZipFile(source) as archive:
+                archive.extractall(unpacked)
+            top = find_code([unpacked])
+        else:
+            top = source
+        if top is None:
+            raise FileNotFoundError(f"{source} holds no folder with {', '.join(CODE_FILES)}")
+        mine = os.path.join(dest, "diffusion.py")
+        if os.path.isfile(mine) and open(mine, "rb").read() != open(os.path.join(top, "diffusion.py"), "rb").read():
+            shutil.copy2(mine, mine + ".bak")
+            print(f"the upload replaces {mine}: the previous one is kept as {mine}.bak")
+        shutil.copytree(top, dest, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("results", "wandb", "__pycache__", "*.pyc", "*.zip", SOURCE_STAMP))
+    with open(stamp, "w") as f:
+        json.dump({"source": source, "fingerprint": new}, f)
+    print(f"unpacked {source} into {dest}")
+    return dest
+
+
+HOMEWORK_MODULES = {"diffusion", "unet", "utils", "trainer", "fid", "kit"}  # and their submodules
+
+
+def reload_homework():
+    \"\"\"Forget the homework's modules (diffusion, unet, utils, trainer, fid, kit.* and any other module whose file
+    lives in the homework folder) and import utils again, so that the next call runs the code as it is on disk now:
+    edits to diffusion.py take effect without restarting the runtime.\"\"\"
+    folder = os.path.join(code, "")
+    for name, module in list(sys.modules.items()):
+        files = [getattr(module, "__file__", None)]
+        try:  # a package's folders (some extension modules have a __path__ that is not a list)
+            files += list(getattr(module, "__path__", None) or [])
+        except TypeError:
+            pass
+        if name.split(".")[0] in HOMEWORK_MODULES or any(
+                isinstance(f, str) and os.path.abspath(f).startswith(folder) for f in files):
+            del sys.modules[name]
+    importlib.invalidate_caches()
+    return importlib.import_module("utils")
+
+
+sys.dont_write_bytecode = True  # no stale .pyc beside your code (on Drive, too)
+START_DIR = globals().get("START_DIR") or os.getcwd()  # where the notebook started: this cell chdirs into the code
+CODE_DIR = CODE_DIR or ($code_home)
+zip_search, code_search = $zip_search, $code_search
+code = find_code([START_DIR], depth=0)  # a Jupyter started in the homework folder uses it as it is
+if code:
+    print("homework code in the working directory:", code)
+elif zips := ([] if SMOKE else code_zips(zip_search)):
+    print("handout zip:", zips[0], "(newest of: " + ", ".join(zips) + ")" if len(zips) > 1 else "")
+    code = install_code(zips[0], CODE_DIR)
+elif folder := find_code(code_search):
+    if os.access(folder, os.W_OK):
+        print("homework folder:", folder)
+        code = folder
+    else:  # a read-only input: work on a copy
+        print("homework folder (read-only):", folder)
+        code = install_code(folder, CODE_DIR)
+elif REPO_URL and not SMOKE:
     subprocess.run(["git", "clone", "--depth", "1", REPO_URL, CODE_DIR], check=True)
     code = CODE_DIR
+    print("cloned", REPO_URL, "into", code)
 if code is None:
-    raise FileNotFoundError("The homework code (diffusion.py, utils.py, requirements.txt) was not found in "
-                            f"{code_search}: upload it, or set REPO_URL in the parameters cell.")
-if not os.access(code, os.W_OK):  # a read-only input: work on a copy
-    shutil.copytree(code, CODE_DIR, dirs_exist_ok=True, ignore=shutil.ignore_patterns("results", "wandb", "*.zip"))
-    code = CODE_DIR
+    raise FileNotFoundError(
+        "The homework code (a folder with diffusion.py, utils.py, requirements.txt) was not found. Upload handout.zip "
+        f"to one of {zip_search}, put the folder in one of {code_search}, or set REPO_URL in the parameters cell.")
 os.chdir(code)
 if code not in sys.path:
     sys.path.insert(0, code)
 print("homework code:", code)'''
 
 PACKAGES = '''\
-# ===== Packages: install only what requirements.txt lists and this machine lacks =====
+# ===== Packages: install what requirements.txt lists and this machine lacks; change nothing already installed =====
+# Jupyter's own packages are never installed: a newer ipykernel or jupyter-client can break the platform's kernel.
+NEVER_INSTALL = {"ipykernel", "ipython", "ipywidgets", "widgetsnbextension", "jupyterlab-widgets", "jupyter-client",
+                 "jupyter-core", "jupyter-server", "notebook", "jupyterlab", "nbformat", "nbclient", "nbconvert",
+                 "traitlets", "tornado", "pyzmq", "comm", "debugpy"}
+
+
+def canonical(name):
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def installed_packages():
+    \"\"\"{name: version} of every installed distribution.\"\"\"
+    found = {}
+    for dist in importlib.metadata.distributions():
+        if dist.metadata["Name"]:
+            found.setdefault(canonical(dist.metadata["Name"]), dist.version)
+    return found
+
+
+def install_plan(path="requirements.txt", installed=None):
+    \"\"\"(to_install, notes): the requirements.txt lines of packages that are not installed at all, and a note for
+    each package installed at a version the line does not ask for, which is kept as it is (the platform's CUDA
+    torch above all). A missing torchvision is asked for without a version: pip picks the one that fits the
+    installed torch.\"\"\"
+    from packaging.requirements import Requirement
+
+    installed = installed_packages() if installed is None else installed
+    to_install, notes = [], []
+    for line in open(path):
+        line = line.split("#")[0].strip()
+        if not line or line.startswith("-"):
+            continue
+        requirement = Requirement(line)
+        name = canonical(requirement.name)
+        if name in NEVER_INSTALL:
+            continue
+        if name not in installed:
+            to_install.append("torchvision" if name == "torchvision" and "torch" in installed else line)
+        elif installed[name] and not requirement.specifier.contains(installed[name], prereleases=True):
+            notes.append(f"{requirement.name} {installed[name]} kept (requirements.txt asks for {requirement.specifier})")
+    return to_install, notes
+
+
+def pinned(installed=None):
+    \"\"\"Constraints that hold every installed package at its version, so pip adds packages and changes none.\"\"\"
+    from packaging.version import InvalidVersion, Version
+
+    lines = []
+    for name, version in sorted((installed_packages() if installed is None else installed).items()):
+        try:
+            Version(version or "")
+        except InvalidVersion:
+            continue
+        lines.append(f"{name}=={version}")
+    return lines
+
+
 if SMOKE:
     print("smoke mode: no installs")
 else:
-    missing = missing_requirements()
-    if missing:
-        print("installing:", " ".join(missing))
-        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as constraints:  # keep torch as is
-            for name in ("torch", "torchvision"):
-                if importlib.util.find_spec(name) is not None:
-                    constraints.write(f"{name}=={importlib.metadata.version(name)}\\n")
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-c", constraints.name, *missing], check=True)
+    to_install, notes = install_plan()
+    for note in notes:
+        print(note)
+    if to_install:
+        print("installing:", " ".join(to_install))
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as constraints:
+            constraints.write("\\n".join(pinned()) + "\\n")
+        result = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-c", constraints.name, *to_install])
+        if result.returncode:
+            raise RuntimeError(f"pip could not install {' '.join(to_install)} without changing a package this "
+                               "platform already has (see pip's message above)")
     else:
         print("all requirements already installed")
 
@@ -303,10 +476,16 @@ import torch
 import utils
 
 print(f"torch {torch.__version__}; utils from {utils.__file__}")
-if torch.cuda.is_available():
-    print("GPU:", torch.cuda.get_device_name(0))
+try:  # also refuses a GPU that this torch build has no kernels for (e.g. Kaggle's P100), with the reason
+    device = utils.select_device(args["device"])
+except utils.ConfigError as error:
+    print(f"Cannot train on this machine's GPU: {error}\\n$gpu_hint. Until then training runs on the CPU "
+          "(very slow).")
+    args["device"], device = "cpu", torch.device("cpu")
+if device.type == "cuda":
+    print("GPU:", torch.cuda.get_device_name(device))
 elif not SMOKE:
-    print("No GPU visible: training will be very slow. $gpu_hint.")'''
+    print("No GPU in use: training will be very slow. $gpu_hint.")'''
 
 DATA = '''\
 # ===== Data: AFHQ 36x36 images in <data_path>/<class>/ =====
@@ -394,6 +573,7 @@ Re-run the next cell after a disconnect (after the cells above): it resumes from
 the loss curve (and the FID curve with `fid=True`) are saved every `save_and_sample_every` steps."""
 
 TRAIN = '''\
+utils = reload_homework()  # your diffusion.py as it is on disk now: no runtime restart needed after an edit
 print("options:", args)
 summary = utils.train_diffusion(**args)
 summary'''
@@ -427,6 +607,7 @@ show(latest_sample(args["save_folder"]), "7.3 samples (latest)")'''
 
 DIFFUSION_FIGURES = '''\
 # ===== Figures 7.4 and 7.5: forward and backward diffusion of the trained model =====
+utils = reload_homework()  # your diffusion.py as it is on disk now
 figures = utils.visualize_diffusion(**{**args, "load_path": os.path.join(args["save_folder"], "checkpoint.pt")})
 show(figures["forward_diffusion"], "7.4 forward diffusion")
 show(figures["backward_diffusion"], "7.5 backward diffusion")'''

@@ -9,7 +9,14 @@ What goes in:
     raises NotImplementedError naming the method and the handout equation to implement;
   * the other student files, unchanged, where they exist (STUDENT_FILES);
   * test_diffusion.py, conftest.py (prints the score) and test_fixtures/ (the reference values);
-  * a pytest.ini of its own that only collects test_diffusion.py.
+  * a pytest.ini of its own that only collects test_diffusion.py;
+  * README.md rendered for students (render_readme): README.md is one source with two renderings. In it,
+      <!-- instructors-only --> ... <!-- /instructors-only -->   is left out of the handout (whole lines or
+                                                             inside a line, e.g. part of a table cell);
+      a line holding <!-- instructors-only line -->           is left out (a table row, which a comment line
+                                                             would cut in two);
+      <!-- students-only: TEXT -->                            shows TEXT in the handout only (in the master
+                                                             it is a comment; TEXT may span lines).
 Instructor-only material (tests/, tools/ with solutions, fixture scripts and mutants, bench/, .ci/) is left out:
 only the files listed below are copied.
 """
@@ -29,11 +36,12 @@ STUDENT_FILES = [
 ]
 STUDENT_FOLDERS = ["kit", "test_fixtures", "docs"]  # kit: the trainer's machinery; docs: the figures README.md shows
 REQUIRED = ["diffusion.py", "unet.py", "test_diffusion.py", "conftest.py", "test_fixtures"]
+RENDERED = {"README.md": "render_readme"}  # copied, then rewritten for students
 
+# no `timeout =`: pytest-timeout is not in the student's requirements.txt (an unknown option would warn)
 HANDOUT_PYTEST_INI = """[pytest]
 testpaths = test_diffusion.py
 addopts = -ra
-timeout = 300
 filterwarnings =
     ignore::DeprecationWarning
 """
@@ -86,6 +94,24 @@ def strip_solutions(source):
     return stripped, methods
 
 
+INSTRUCTORS_ONLY = re.compile(r"^[ \t]*<!-- instructors-only -->[ \t]*\n(.*?)^[ \t]*<!-- /instructors-only -->[ \t]*\n"
+                              r"|<!-- instructors-only -->(.*?)<!-- /instructors-only -->", re.S | re.M)
+INSTRUCTORS_ONLY_LINE = re.compile(r"^.*<!-- instructors-only line -->.*\n?", re.M)
+STUDENTS_ONLY = re.compile(r"<!-- students-only:[ \t]*\n?(.*?)\s*-->", re.S)
+
+
+def render_readme(text):
+    """The student handout's README from the master README (markers: see the module docstring)."""
+    text = INSTRUCTORS_ONLY.sub("", text)
+    text = INSTRUCTORS_ONLY_LINE.sub("", text)
+    text = STUDENTS_ONLY.sub(lambda m: m.group(1), text)
+    for marker in ("instructors-only", "students-only"):
+        if marker in text:
+            line = text[: text.index(marker)].count("\n") + 1
+            raise ValueError(f"README.md: unmatched {marker} marker (line {line} of the rendered handout README)")
+    return re.sub(r"\n{3,}", "\n\n", text).strip("\n") + "\n"
+
+
 def build(out_dir, zip_path, data=None):
     for item in REQUIRED:
         if not os.path.exists(os.path.join(ROOT, item)):
@@ -107,6 +133,13 @@ def build(out_dir, zip_path, data=None):
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     with open(os.path.join(out_dir, "pytest.ini"), "w") as f:
         f.write(HANDOUT_PYTEST_INI)
+    for item, renderer in RENDERED.items():
+        path = os.path.join(out_dir, item)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                text = globals()[renderer](f.read())
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
     if data:
         rel = os.path.relpath(os.path.abspath(data), ROOT)
         target = os.path.join(out_dir, rel if not rel.startswith("..") else os.path.join("data", os.path.basename(data)))
