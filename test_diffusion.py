@@ -30,6 +30,7 @@ import math
 import os
 import random
 import re
+import time
 import traceback
 import zlib
 
@@ -1385,6 +1386,51 @@ def judge_check(chk, got, ref, params, mistakes=(), hints=()):
             message += f"\n  This output matches {which}:\n" + "".join(f"    - {h}\n" for h in found)
             message = message.rstrip()
     return bool(passed), str(message)
+
+
+def mistake_rows(checks, params, reference_outputs, mutants, per_check_requests, deadline=None):
+    """{check name: [[mutant indices], values]} for the mutants (index, function, module) given.
+
+    Shared by this script (local fixture) and the autograder's trusted judge (fresh inputs, failing checks only).
+    """
+    cache, rows = {}, {}
+    for chk in checks:
+        if chk.primary is None:
+            continue
+        requests = per_check_requests[chk.name]
+        ref = [reference_outputs[request_key(r)] for r in requests]
+        expected = primary_values(chk, ref)
+        if expected is None:
+            continue
+        exp_t = torch.tensor(expected, dtype=torch.float64)
+        scale = max(1.0, float(exp_t.abs().max()))
+        found = []
+        for index, function, module in mutants:
+            if function != chk.function and not (chk.function == "p_sample" and function == "schedule"):
+                continue
+            if deadline is not None and time.time() > deadline:
+                break
+            outs = []
+            for r in requests:
+                key = (index, request_key(r))
+                if key not in cache:
+                    cache[key] = json.loads(json.dumps(run_request(module, r)))
+                outs.append(cache[key])
+            values = primary_values(chk, outs)
+            if values is None or len(values) != len(expected):
+                continue
+            v = torch.tensor(values, dtype=torch.float64)
+            if ((v - exp_t).abs() <= 1e-5 * scale + 1e-3 * exp_t.abs()).all():
+                continue  # this mistake does not show here
+            for row in found:
+                if torch.allclose(torch.tensor(row[1], dtype=torch.float64), v, rtol=1e-6, atol=1e-9):
+                    row[0].append(index)
+                    break
+            else:
+                found.append([[index], values])
+        if found:
+            rows[chk.name] = found
+    return rows
 
 
 # ------------------------------------------------------------------ pytest: the same checks, locally

@@ -48,53 +48,6 @@ def plain(data):
     return json.loads(json.dumps(data))
 
 
-def mistake_rows(checks, params, reference_outputs, mutants, per_check_requests, deadline=None):
-    """{check name: [[mutant indices], values]} for the mutants (index, function, module) given.
-
-    Shared by this script (local fixture) and the autograder's trusted judge (fresh inputs, failing checks only).
-    """
-    import time
-
-    cache, rows = {}, {}
-    for chk in checks:
-        if chk.primary is None:
-            continue
-        requests = per_check_requests[chk.name]
-        ref = [reference_outputs[td.request_key(r)] for r in requests]
-        expected = td.primary_values(chk, ref)
-        if expected is None:
-            continue
-        exp_t = torch.tensor(expected, dtype=torch.float64)
-        scale = max(1.0, float(exp_t.abs().max()))
-        found = []
-        for index, function, module in mutants:
-            if function != chk.function and not (chk.function == "p_sample" and function == "schedule"):
-                continue
-            if deadline is not None and time.time() > deadline:
-                break
-            outs = []
-            for r in requests:
-                key = (index, td.request_key(r))
-                if key not in cache:
-                    cache[key] = plain(td.run_request(module, r))
-                outs.append(cache[key])
-            values = td.primary_values(chk, outs)
-            if values is None or len(values) != len(expected):
-                continue
-            v = torch.tensor(values, dtype=torch.float64)
-            if ((v - exp_t).abs() <= 1e-5 * scale + 1e-3 * exp_t.abs()).all():
-                continue  # this mistake does not show here
-            for row in found:
-                if torch.allclose(torch.tensor(row[1], dtype=torch.float64), v, rtol=1e-6, atol=1e-9):
-                    row[0].append(index)
-                    break
-            else:
-                found.append([[index], values])
-        if found:
-            rows[chk.name] = found
-    return rows
-
-
 def main():
     source = mutation_test.reference_source()
     params = td.LOCAL_PARAMS
@@ -113,7 +66,7 @@ def main():
             assert passed, f"the reference fails {chk.name}: {message}"
         mutants = [(i, m.function, load_module(mutation_test.apply(source, m), f"diffusion_mutant_{i}", folder))
                    for i, m in enumerate(mutation_test.MUTANTS)]
-        rows = mistake_rows(td.CHECKS, params, outputs, mutants, per_check)
+        rows = td.mistake_rows(td.CHECKS, params, outputs, mutants, per_check)
     for name, found in rows.items():
         print(f"{name:<60} {len(found):>2} distinct mistakes")
     data = {"format": 2, "torch_version": torch.__version__.split("+")[0], "rng_check": td.randn((6,), 12345).tolist(),

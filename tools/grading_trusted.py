@@ -1,0 +1,104 @@
+"""The autograder's trusted side (shipped in autograder.zip as trusted_judge.py; run by grader.py as root).
+
+Never runs student code. Two commands, JSON in on stdin, JSON out on stdout:
+
+  plan    draws this run's inputs from a secret seed (secrets module), lists the probe requests of every
+          check, and runs them on the reference solution (reference/diffusion.py next to this file, in a folder
+          only root can read): {"params", "per_check", "requests", "reference"}.
+  judge   given the plan and the student's outputs (plain numbers), judges every check with the judges of
+          test_diffusion.py and, for failing checks, looks for the known mistake (the mutant catalogue run on
+          the same inputs, within a time budget): {"results": {check: [passed, message]}, "notes": [...]}.
+"""
+import json
+import os
+import random
+import secrets
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.join(HERE, "reference"), HERE]
+
+import test_diffusion as td  # noqa: E402 - imports reference/diffusion.py as `diffusion`
+
+HINT_BUDGET_S = float(os.environ.get("GRADER_HINT_BUDGET", "30"))
+
+
+def plain(data):
+    return json.loads(json.dumps(data))
+
+
+def plan():
+    params = td.draw_params(random.Random(secrets.randbits(128)))
+    per_check, distinct = td.requests_of(params)
+    reference = {key: plain(td.run_request(td.diffusion, r)) for key, r in distinct.items()
+                 if r["probe"] not in td.NO_REFERENCE}
+    return {"params": params, "per_check": per_check, "requests": distinct, "reference": reference}
+
+
+def judge(data):
+    params, per_check, reference = data["params"], data["per_check"], data["reference"]
+    student, missing = data["student"], data.get("missing", {})
+    results, failing = {}, []
+    for chk in td.CHECKS:
+        keys = [td.request_key(r) for r in per_check[chk.name]]
+        lost = [missing[k] for k in keys if k in missing]
+        if lost:
+            results[chk.name] = [False, lost[0]]
+            continue
+        got = [student.get(k, {"error": "no output"}) for k in keys]
+        ref = [reference.get(k, {}) for k in keys]
+        results[chk.name] = list(td.judge_check(chk, got, ref, params))
+        # known-mistake hints where the student produced numbers; the small-T checks suffice (a mistake shows there too)
+        if not results[chk.name][0] and "large_T" not in chk.name and td.primary_values(chk, got) is not None:
+            failing.append((chk, got, ref))
+    notes = []
+    if failing and HINT_BUDGET_S > 0:
+        started = time.time()
+        try:
+            notes += hints(failing, params, per_check, reference, results, started + HINT_BUDGET_S)
+        except Exception as exc:  # noqa: BLE001 - hints are a courtesy; grades never depend on them
+            notes.append(f"known-mistake hints skipped: {type(exc).__name__}: {exc}")
+        notes.append(f"known-mistake hints took {time.time() - started:.1f} s")
+    return {"results": results, "notes": notes}
+
+
+def hints(failing, params, per_check, reference, results, deadline):
+    import importlib.util
+    import tempfile
+
+    import mutation_test as mutation_catalogue
+
+    with open(os.path.join(HERE, "reference", "diffusion.py")) as f:
+        source = f.read()
+    functions = {chk.function for chk, _, _ in failing} | ({"schedule"} if any(c.function == "p_sample" for c, _, _ in failing) else set())
+    mutants = []
+    with tempfile.TemporaryDirectory() as folder:
+        for i, m in enumerate(mutation_catalogue.MUTANTS):
+            if m.function not in functions:
+                continue
+            path = os.path.join(folder, f"mutant_{i}.py")
+            with open(path, "w") as f:
+                f.write(mutation_catalogue.apply(source, m))
+            spec = importlib.util.spec_from_file_location(f"mutant_{i}", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            mutants.append((i, m.function, module))
+        rows = td.mistake_rows([c for c, _, _ in failing], params, reference, mutants, per_check, deadline)
+    hint_texts = [m.hint for m in mutation_catalogue.MUTANTS]
+    for chk, got, ref in failing:
+        if chk.name in rows:
+            results[chk.name] = list(td.judge_check(chk, got, ref, params, rows[chk.name], hint_texts))
+    return [] if time.time() < deadline else ["known-mistake hints stopped at their time budget"]
+
+
+def main():
+    command = sys.argv[1]
+    data = json.loads(sys.stdin.read()) if command == "judge" else None
+    out = plan() if command == "plan" else judge(data)
+    sys.stdout.write(json.dumps(out))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
