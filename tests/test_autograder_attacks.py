@@ -30,16 +30,23 @@ VISIBLE_EXPECTED = attack(r'''
 import glob as _glob, json as _json, os as _os, sys as _sys, types as _types
 _ROOT = _os.environ.get("AUTOGRADER_ROOT", "{root}")
 _SOURCES = []
-for _pattern in [_ROOT + "/source/reference/diffusion.py", _ROOT + "/source/*.py", _ROOT + "/source/*/*",
-                 "/autograder/source/reference/diffusion.py", "/tmp/*/diffusion.py", "/tmp/*/*/diffusion.py",
-                 "/tmp/trusted-*/*", "/tmp/grade-*/*/*", _os.path.expanduser("~") + "/*"]:
+_PATTERNS = [_ROOT + "/source/reference/diffusion.py", _ROOT + "/source/*.py", _ROOT + "/source/*/*",
+             _ROOT + "/*/*", "/autograder/source/reference/diffusion.py", "/autograder/*/*",
+             "/tmp/trusted-*/*", "/tmp/grade-*/*", "/tmp/grade-*/*/*", _os.path.expanduser("~") + "/*"]
+# any copy of the solution elsewhere on the machine (the grader hides all but system folders, when it can)
+_PATTERNS += ["/tmp/*/diffusion.py", "/tmp/*/*/diffusion.py", "/tmp/*/*/*/diffusion.py", "/work/*/diffusion.py",
+              "/home/*/*/diffusion.py", "/srv/*/diffusion.py", "/opt/*/diffusion.py"]
+_OWN = open(__file__).read()
+for _pattern in _PATTERNS:
     for _path in _glob.glob(_pattern):
+        if _os.path.realpath(_path) == _os.path.realpath(__file__):
+            continue
         try:
             with open(_path) as _f:
                 _text = _f.read()
         except (OSError, UnicodeDecodeError):
             continue
-        if "BEGIN SOLUTION" in _text or "posterior_mean_coef" in _text:
+        if ("BEGIN SOLUTION" in _text or "posterior_mean_coef" in _text) and _text != _OWN and "# ---- attack" not in _text:
             _SOURCES.append(_text)
         if _path.endswith(".json") and "reference" in _text:
             _SOURCES.append(_text)
@@ -205,6 +212,10 @@ FLOOD = attack(r'''
 import os as _os, sys as _sys
 _q_sample = Diffusion.q_sample
 def _flood(self, x_0, t, noise):
+    try:
+        print("y" * (1 << 20) * 12, file=_sys.stderr)  # more than the log takes
+    except OSError:
+        pass
     block = b"x" * (1 << 20)
     for _ in range(100):
         for _fd in range(3, 12):
@@ -214,7 +225,6 @@ def _flood(self, x_0, t, noise):
                 pass
     return _q_sample(self, x_0, t, noise)
 Diffusion.q_sample = _flood
-print("y" * (1 << 20) * 12, file=_sys.stderr)  # more than the log takes
 ''')
 
 
@@ -245,21 +255,21 @@ def results(tmp_path_factory):
         "symlink_outside": {"hw/diffusion.py": ("symlink", "/etc/passwd")},
         "refused_no_unprivileged_python": {"diffusion.py": "open('/tmp/ran-as-root-{tag}', 'w').close()\n" + REFERENCE},
     }
-    env = {"resources": {"GRADER_PROBE_TIMEOUT": "5", "GRADER_MEMORY_MB": "1200"}}
-    # an interpreter root can run but an unprivileged uid cannot: a wrapper in a root-only (0700) folder
-    private = base / "root-only"
-    private.mkdir()
-    os.chmod(private, 0o700)
-    (private / "python").write_text(f"#!/bin/sh\nexec {environment()[0]} \"$@\"\n")
-    os.chmod(private / "python", 0o755)
-    pythons = {"refused_no_unprivileged_python": str(private / "python")}
+    # the same (otherwise secret) inputs for every case, so that scores compare exactly
+    seed = {"GRADER_FIXED_SEED": str(int.from_bytes(os.urandom(6), "big"))}
+    env = {name: dict(seed) for name in cases}
+    env["resources"].update(GRADER_PROBE_TIMEOUT="5", GRADER_MEMORY_MB="1200")
+    # an interpreter root can run but an unprivileged uid cannot (e.g. one under /root, mode 0700)
+    pythons = {"refused_no_unprivileged_python": sys.executable}
+    if environment()[0] == sys.executable:
+        del cases["refused_no_unprivileged_python"]
 
     def run(name):
         root = base / name
         files = {k: (v if isinstance(v, tuple) else v.replace("{root}", str(root)).replace("{tag}", tag))
                  for k, v in cases[name].items()}
         files = {k: (("symlink", v[1].replace("{root}", str(root))) if isinstance(v, tuple) else v) for k, v in files.items()}
-        return name, grade(zip_path, root, files, env.get(name), python=pythons.get(name))
+        return name, grade(zip_path, root, files, env[name], python=pythons.get(name))
 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         graded = dict(pool.map(run, cases))
@@ -337,6 +347,8 @@ def test_symlinked_submissions_are_refused_without_following(results, name):
 
 def test_no_unprivileged_interpreter_means_refusal_not_root(results):
     graded, tag, _ = results
+    if "refused_no_unprivileged_python" not in graded:
+        pytest.skip("this interpreter is runnable by an unprivileged uid; no unusable one to try")
     proc, result = graded["refused_no_unprivileged_python"]
     assert result["score"] == 0
     assert "REFUSED" in result["output"] and "never run as root" in result["output"]

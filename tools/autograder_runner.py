@@ -183,31 +183,105 @@ def kill_uid(uid):
     return alive
 
 
-def make_limits(memory):
-    def limits():
+# top-level folders the student's process keeps seeing (system files); every other one is hidden behind an empty
+# tmpfs in a private mount namespace, except the folders it needs (work folder, home, the interpreter's prefix)
+SYSTEM_DIRS = {"usr", "lib", "lib32", "lib64", "libx32", "bin", "sbin", "etc", "proc", "sys", "dev"}
+_LIBC = None
+
+
+def _libc():
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+    return _LIBC
+
+
+def _mount(source, target, fstype, flags, data=None):
+    import ctypes
+
+    if _libc().mount(source and source.encode(), target.encode(), fstype and fstype.encode(), ctypes.c_ulong(flags),
+                     data and data.encode()) != 0:
+        raise OSError(ctypes.get_errno(), f"mount {target}")
+
+
+def hide_filesystem(visible):
+    """In a new mount namespace: empty tmpfs over every non-system top-level folder (and /dev/shm), with the
+    `visible` folders bound back at their own paths. Runs in the child, as root, before dropping to the uid."""
+    import ctypes
+
+    MS_NOSUID, MS_NODEV, MS_BIND, MS_MOVE, MS_REC, MS_PRIVATE = 2, 4, 4096, 8192, 16384, 1 << 18
+    if _libc().unshare(0x00020000) != 0:  # CLONE_NEWNS
+        raise OSError(ctypes.get_errno(), "unshare")
+    _mount("none", "/", None, MS_REC | MS_PRIVATE)
+    os.umask(0o022)
+    _mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=700")  # staging
+    staged = []
+    for k, path in enumerate(visible):
+        if path.split("/")[1] in SYSTEM_DIRS:
+            continue
+        stage = f"/dev/shm/{k}"
+        os.mkdir(stage)
+        _mount(path, stage, None, MS_BIND | MS_REC)
+        staged.append((stage, path))
+    for name in os.listdir("/"):
+        path = "/" + name
+        if name in SYSTEM_DIRS or not os.path.isdir(path) or os.path.islink(path):
+            continue
+        _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
+    for stage, path in staged:
+        os.makedirs(path, exist_ok=True)
+        _mount(stage, path, None, MS_MOVE)
+    _mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=1777")
+
+
+def make_sandbox(address_space, uid, visible):
+    """preexec_fn of the student's process: limits, the hidden file system (if given), then the unprivileged uid."""
+    if visible is not None:
+        _libc()  # loaded before the fork
+
+    def sandbox():
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+        resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
         resource.setrlimit(resource.RLIMIT_NPROC, (512, 512))
         resource.setrlimit(resource.RLIMIT_FSIZE, (MAX_LOG, MAX_LOG))
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+        if visible is not None:
+            hide_filesystem(visible)
+        if uid is not None:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
         os.umask(0o077)
 
-    return limits
+    return sandbox
+
+
+def can_hide_filesystem():
+    """Whether this machine lets root make a private mount namespace (Docker without CAP_SYS_ADMIN does not)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    pid = os.fork()
+    if pid == 0:
+        try:
+            hide_filesystem([])
+            os._exit(0)
+        except BaseException:  # noqa: BLE001
+            os._exit(1)
+    return os.waitpid(pid, 0)[1] == 0
 
 
 # ------------------------------------------------------------------ running the probes
 class Worker:
     """One probe_worker.py process as `uid`; yields protocol records with bounded reads."""
 
-    def __init__(self, python, work, uid, requests, env, memory):
+    def __init__(self, python, work, uid, requests, env, memory, visible=None):
         self.log = open(os.path.join(os.path.dirname(work), "worker.log"), "ab")
         os.chown(self.log.name, 0, 0)
-        kwargs = {}
-        if uid is not None:
-            kwargs = dict(user=uid, group=uid, extra_groups=[])
         self.proc = subprocess.Popen([python, "-I", "probe_worker.py"], cwd=work, env=env, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.log, start_new_session=True,
-                                     preexec_fn=make_limits(ADDRESS_SPACE), **kwargs)
+                                     preexec_fn=make_sandbox(ADDRESS_SPACE, uid, visible))
         try:
             self.proc.stdin.write(json.dumps(requests).encode())
             self.proc.stdin.close()
@@ -267,14 +341,14 @@ def parse(line):
     return record if isinstance(record, dict) else None
 
 
-def run_probes(python, work, uid, requests, *, time_limit, probe_timeout, memory, env, notes):
+def run_probes(python, work, uid, requests, *, time_limit, probe_timeout, memory, env, notes, visible=None):
     """{index: output}, {index: why it has none}, a general message (import error / refusal) or ''."""
     outputs, missing, general = {}, {}, ""
     pending = list(range(len(requests)))
     deadline = time.time() + time_limit
     restarts = 0
     while pending and not general:
-        worker = Worker(python, work, uid, [[i, requests[i]] for i in pending], env, memory)
+        worker = Worker(python, work, uid, [[i, requests[i]] for i in pending], env, memory, visible)
         peak, ready, imported, last = 0, False, False, time.time()
         stop_reason = None
         try:
@@ -356,11 +430,7 @@ def run_probes(python, work, uid, requests, *, time_limit, probe_timeout, memory
             break
         missing[first] = f"This check's probe stopped: {reason}."
         pending.remove(first)
-        restarts += 1
-        if restarts > 12:
-            for i in pending:
-                missing[i] = f"Not run: too many probes failed ({reason})."
-            break
+        restarts += 1  # bounded: each restart drops one probe; the time limit bounds the rest
     return outputs, missing, general
 
 
@@ -368,6 +438,8 @@ def run_probes(python, work, uid, requests, *, time_limit, probe_timeout, memory
 def trusted(python, command, payload, timeout, tmp):
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8",
            "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    if os.environ.get("GRADER_FIXED_SEED"):
+        env["GRADER_FIXED_SEED"] = os.environ["GRADER_FIXED_SEED"]
     proc = subprocess.run([python, "-I", os.path.join(HERE, "trusted_judge.py"), command],
                           input=json.dumps(payload).encode() if payload is not None else b"", capture_output=True,
                           timeout=timeout, cwd=HERE, env=env)
@@ -455,6 +527,8 @@ def grade(root, python=sys.executable, time_limit=480.0, probe_timeout=60.0, mem
         try:
             plan = trusted(python, "plan", None, 300, trusted_tmp)
             hidden.append(f"plan: T = {plan['params']['T']} ({time.time() - started:.1f} s)")
+            if os.environ.get("GRADER_FIXED_SEED"):
+                hidden.append("WARNING: GRADER_FIXED_SEED is set: the inputs were not secret (for tests only)")
             keys = sorted(plan["requests"], key=lambda k: (plan["requests"][k]["probe"] == "schedule", k))
             requests = [plan["requests"][k] for k in keys]
             work = os.path.join(parent, "work")
@@ -469,8 +543,17 @@ def grade(root, python=sys.executable, time_limit=480.0, probe_timeout=60.0, mem
                 os.chmod(folder, 0o755)
                 for name in files:
                     os.chmod(os.path.join(folder, name), 0o644)
-            uid = None
+            uid, visible = None, None
             if is_root:
+                if can_hide_filesystem():
+                    prefixes = {os.path.dirname(os.path.dirname(os.path.abspath(python))),
+                                os.path.dirname(os.path.dirname(os.path.realpath(python)))}
+                    visible = sorted({work, home} | {p for p in prefixes if p != "/"})
+                    hidden.append("file system: only system folders, the work folder and the interpreter are visible "
+                                  "to the student's process (private mount namespace)")
+                else:
+                    hidden.append("file system: no mount namespace available; the student's process sees every "
+                                  "world-readable file (the reference is still root-only)")
                 uid = pick_uid()
                 os.chown(home, uid, uid)
                 os.chmod(home, 0o700)
@@ -483,7 +566,7 @@ def grade(root, python=sys.executable, time_limit=480.0, probe_timeout=60.0, mem
             probe_start = time.time()
             outputs, missing, general = run_probes(python, work, uid, requests, time_limit=time_limit,
                                                    probe_timeout=probe_timeout, memory=memory_mb << 20, env=env,
-                                                   notes=notes)
+                                                   notes=notes, visible=visible)
             hidden.append(f"probes: {len(outputs)} of {len(requests)} answered in {time.time() - probe_start:.1f} s")
             log_path = os.path.join(parent, "worker.log")
             if os.path.exists(log_path):

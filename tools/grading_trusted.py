@@ -29,7 +29,8 @@ def plain(data):
 
 
 def plan():
-    params = td.draw_params(random.Random(secrets.randbits(128)))
+    fixed = os.environ.get("GRADER_FIXED_SEED")  # tests only (the grader notes say so); never set on Gradescope
+    params = td.draw_params(random.Random(int(fixed) if fixed else secrets.randbits(128)))
     per_check, distinct = td.requests_of(params)
     reference = {key: plain(td.run_request(td.diffusion, r)) for key, r in distinct.items()
                  if r["probe"] not in td.NO_REFERENCE}
