@@ -259,10 +259,14 @@ def results(tmp_path_factory):
     seed = {"GRADER_FIXED_SEED": str(int.from_bytes(os.urandom(6), "big"))}
     env = {name: dict(seed) for name in cases}
     env["resources"].update(GRADER_PROBE_TIMEOUT="5", GRADER_MEMORY_MB="1200")
-    # an interpreter root can run but an unprivileged uid cannot (e.g. one under /root, mode 0700)
-    pythons = {"refused_no_unprivileged_python": sys.executable}
-    if environment()[0] == sys.executable:
-        del cases["refused_no_unprivileged_python"]
+    # an interpreter root can run but an unprivileged uid cannot (like one installed under /root, mode 0700)
+    private = base / "root-only"
+    private.mkdir()
+    os.chmod(private, 0o700)
+    (private / "python").write_text('#!/bin/sh\nif [ "$(id -u)" != 0 ]; then echo "root-only interpreter" >&2; exit 126; fi\n'
+                                    f'exec {environment()[0]} "$@"\n')
+    os.chmod(private / "python", 0o755)
+    pythons = {"refused_no_unprivileged_python": str(private / "python")}
 
     def run(name):
         root = base / name
@@ -347,9 +351,8 @@ def test_symlinked_submissions_are_refused_without_following(results, name):
 
 def test_no_unprivileged_interpreter_means_refusal_not_root(results):
     graded, tag, _ = results
-    if "refused_no_unprivileged_python" not in graded:
-        pytest.skip("this interpreter is runnable by an unprivileged uid; no unusable one to try")
     proc, result = graded["refused_no_unprivileged_python"]
     assert result["score"] == 0
     assert "REFUSED" in result["output"] and "never run as root" in result["output"]
     assert not os.path.exists(f"/tmp/ran-as-root-{tag}"), "the submission ran although the grader refused"
+    assert "refused" in hidden(result) and len(visible(result)) == 41

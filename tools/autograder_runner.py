@@ -341,6 +341,11 @@ def parse(line):
     return record if isinstance(record, dict) else None
 
 
+REFUSED = ("REFUSED: the grader could not start Python as an unprivileged user, so your code was not run (it is "
+           "never run as root). This is a problem of the autograder's setup, not of your submission: please tell the "
+           "course staff.")
+
+
 def run_probes(python, work, uid, requests, *, time_limit, probe_timeout, memory, env, notes, visible=None):
     """{index: output}, {index: why it has none}, a general message (import error / refusal) or ''."""
     outputs, missing, general = {}, {}, ""
@@ -348,7 +353,18 @@ def run_probes(python, work, uid, requests, *, time_limit, probe_timeout, memory
     deadline = time.time() + time_limit
     restarts = 0
     while pending and not general:
-        worker = Worker(python, work, uid, [[i, requests[i]] for i in pending], env, memory, visible)
+        try:
+            worker = Worker(python, work, uid, [[i, requests[i]] for i in pending], env, memory, visible)
+        except subprocess.SubprocessError as exc:  # the sandbox could not be set up (e.g. no mount namespace)
+            if visible is None:
+                raise
+            notes["file system"] = f"hiding the file system failed ({exc}); ran without it"
+            visible = None
+            continue
+        except OSError as exc:  # the unprivileged uid cannot execute the interpreter
+            general = REFUSED + f" (starting {python} as an unprivileged user failed: {exc.strerror})"
+            notes["refused"] = f"the worker could not be started: {exc}"
+            break
         peak, ready, imported, last = 0, False, False, time.time()
         stop_reason = None
         try:
@@ -402,10 +418,7 @@ def run_probes(python, work, uid, requests, *, time_limit, probe_timeout, memory
         notes["peak RSS of the student's processes (MB)"] = max(notes.get("peak RSS of the student's processes (MB)", 0),
                                                                  round(peak / 2 ** 20))
         if not ready:
-            general = ("REFUSED: the grader could not start Python as an unprivileged user, so your code was not run "
-                       "(it is never run as root). This is a problem of the autograder's setup, not of your "
-                       "submission: please tell the course staff. " + ("(the interpreter did not start within 120 s)"
-                                                                      if stop_reason == "start_timeout" else ""))
+            general = REFUSED + (" (the interpreter did not start within 120 s)" if stop_reason == "start_timeout" else "")
             notes["refused"] = f"worker exit code {worker.proc.returncode}; see the worker log tail"
             break
         if general or not pending:
