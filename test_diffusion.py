@@ -692,8 +692,16 @@ def reference_quantities(ref):
     }
 
 
+def close_relative(got, target, rtol=1e-2):
+    """Elementwise relative closeness (exact zeros must stay ~0): tiny values count as much as large ones."""
+    if got.shape != target.shape or not torch.isfinite(got).all():
+        return False
+    return bool(((got - target).abs() <= rtol * target.abs() + 1e-12).all())
+
+
 def stored_match(got, targets, T):
-    """(student tensor name, quantity name) of the first stored tensor that equals one of `targets` by value."""
+    """(student tensor name, quantity name) of the first stored tensor that equals one of `targets` by value
+    (relative to each value, so a difference at tiny values, e.g. alpha_bar near t = T, shows)."""
     for s in got.get("stored", []) if isinstance(got.get("stored"), list) else []:
         if not isinstance(s, dict):
             continue
@@ -703,9 +711,33 @@ def stored_match(got, targets, T):
         for candidate in ([v] if v.numel() == T else [v[1:], v[:-1]]):
             for name, target in targets.items():
                 ok = torch.isfinite(target)
-                if ok.any() and close(candidate[ok], target[ok], rtol=1e-4, atol=1e-6):
+                if ok.any() and candidate.shape == target.shape and close_relative(candidate[ok], target[ok]):
                     return str(s.get("name"))[:60], name
     return None
+
+
+# a group matches by storage when, for each of these sets, some stored tensor holds one of its quantities; alpha_bar
+# needs both ends: quantities sensitive where alpha_bar -> 0 (t near T) and where it -> 1 (t near 0)
+STORAGE_SETS = {
+    "alpha_bar": [("alphas_cumprod", "sqrt_alphas_cumprod", "sqrt_recip_alphas_cumprod", "log_alphas_cumprod"),
+                  ("one_minus_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+                   "log_one_minus_alphas_cumprod")],
+    "posterior_variance": [("posterior_variance", "posterior_std", "posterior_log_variance_clipped")],
+    "posterior_mean": [("alphas_cumprod_prev", "sqrt_alphas_cumprod_prev", "posterior_mean_coef_x0"),
+                       ("posterior_mean_coef_xt",)],
+}
+
+
+def storage_match(got, ref, group, T):
+    """[(student tensor, quantity)] covering every set of the group, or None."""
+    quantities = reference_quantities(ref)[group]
+    found = []
+    for names in STORAGE_SETS[group]:
+        match = stored_match(got, {n: quantities[n] for n in names}, T)
+        if match is None:
+            return None
+        found.append(match)
+    return found
 
 
 SCHEDULE_GROUPS = {
@@ -723,9 +755,9 @@ def judge_schedule(group, got, ref, T):
     error = first_error(got)
     if error and "stored" not in got:
         return False, error
-    found = stored_match(got, reference_quantities(ref)[group], T)
+    found = storage_match(got, ref, group, T)
     if found:
-        return True, f"your self.{found[0]} holds {found[1]} of the reference schedule"
+        return True, "your Diffusion holds " + ", ".join(f"{q} (self.{n})" for n, q in found) + " of the reference schedule"
     problems = []
     for key, what in readings:
         labels = _labels(T, 1 if key == "sigma" else 0)
@@ -813,7 +845,7 @@ def judge_q_sample(got, ref, p, size):
     # (only when the student's alpha_bar differs from the reference's, and not for a tensor that holds alpha_t)
     out = tensor_of(got.get("out"))
     quantities = reference_quantities(ref) if isinstance(ref.get("stored"), list) else None
-    if out is not None and quantities and stored_match(got, quantities["alpha_bar"], T) is None:
+    if out is not None and quantities and storage_match(got, ref, "alpha_bar", T) is None:
         x_0, noise, t = image(5, seed, kind=uniform), image(5, seed + 1), steps(T, 5, seed + 2)
         alphas = quantities["alphas"]["alphas"]
         for name, ab in alpha_bar_candidates(got, T):

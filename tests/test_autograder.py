@@ -17,7 +17,7 @@ import make_autograder  # noqa: E402 - tools/ is on sys.path (autograder_sim)
 
 # one mutant per function: its bug lives in that function only
 SINGLE_FUNCTION_BUGS = {
-    "schedule": "schedule_not_buffers",  # math bugs in the schedule also show in p_sample (see GRADING.md)
+    "schedule": "schedule_variance_missing_beta",
     "q_sample": "q_sample_swapped",
     "p_losses": "p_losses_mse",
     "forward": "forward_never_draws_last",
@@ -39,6 +39,7 @@ CASES = {
 }
 for _function, _name in SINGLE_FUNCTION_BUGS.items():
     CASES[f"bug_in_{_function}"] = ({"diffusion.py": mutant(_name)}, {})
+CASES["bug_in_schedule_storage"] = ({"diffusion.py": mutant("schedule_not_buffers")}, {})  # plain, unmoved attributes
 # the rewrites that exercise the fairness rules (all of tools/alt_solutions/ pass locally: tests/test_mutation.py)
 FAIRNESS_ALTERNATIVES = ["model_parameters_device", "plain_attributes_apply", "plain_attributes_moved_in_methods",
                          "noise_at_every_step"]
@@ -96,10 +97,16 @@ def test_reference_and_alternative_solutions_get_full_score(graded):
         assert "throwaway, unprivileged" in hidden(results["reference_in_subfolder"][1])
 
 
-@pytest.mark.parametrize("function", list(SINGLE_FUNCTION_BUGS))
+@pytest.mark.parametrize("function", list(SINGLE_FUNCTION_BUGS) + ["schedule_storage"])
 def test_a_single_function_bug_costs_only_that_function(graded, function):
     _, results = graded
     _, result = results[f"bug_in_{function}"]
+    if function == "schedule_storage":
+        scores = by_function(result)
+        assert scores["schedule"][0] < scores["schedule"][1] and all(
+            abs(got - most) < 1e-6 for f, (got, most) in scores.items() if f != "schedule"), scores
+        assert any("register_buffer" in t["output"] for t in visible(result) if t["score"] < t["max_score"])
+        return
     scores = by_function(result)
     for f, (got, most) in scores.items():
         if f == function:
@@ -109,7 +116,7 @@ def test_a_single_function_bug_costs_only_that_function(graded, function):
                                                                    if t["score"] < t["max_score"]])
     hint = next(m.hint for m in __import__("mutation_test").MUTANTS if m.name == SINGLE_FUNCTION_BUGS[function])
     failed = [t for t in visible(result) if t["score"] < t["max_score"]]
-    if function not in ("schedule", "forward", "p_sample_loop"):  # those explain the mistake in their own words
+    if function not in ("forward", "p_sample_loop"):  # those explain the mistake in their own words
         assert any(hint in t["output"] for t in failed), [t["output"][:400] for t in failed]
 
 

@@ -8,6 +8,8 @@ Never runs student code. Two commands, JSON in on stdin, JSON out on stdout:
   judge   given the plan and the student's outputs (plain numbers), judges every check with the judges of
           test_diffusion.py and, for failing checks, looks for the known mistake (the mutant catalogue run on
           the same inputs, within a time budget): {"results": {check: [passed, message]}, "notes": [...]}.
+          A failing q_sample or p_sample check is re-judged against the reference run with the schedule buffers the
+          student's __init__ stored (same names as the reference's), so a schedule bug costs only the schedule.
 """
 import json
 import os
@@ -40,7 +42,7 @@ def plan():
 def judge(data):
     params, per_check, reference = data["params"], data["per_check"], data["reference"]
     student, missing = data["student"], data.get("missing", {})
-    results, failing = {}, []
+    results, failing, failing_all = {}, [], []
     for chk in td.CHECKS:
         keys = [td.request_key(r) for r in per_check[chk.name]]
         lost = [missing[k] for k in keys if k in missing]
@@ -50,10 +52,17 @@ def judge(data):
         got = [student.get(k, {"error": "no output"}) for k in keys]
         ref = [reference.get(k, {}) for k in keys]
         results[chk.name] = list(td.judge_check(chk, got, ref, params))
+        if not results[chk.name][0]:
+            failing_all.append((chk, got, ref))
         # known-mistake hints where the student produced numbers; the small-T checks suffice (a mistake shows there too)
         if not results[chk.name][0] and "large_T" not in chk.name and td.primary_values(chk, got) is not None:
             failing.append((chk, got, ref))
     notes = []
+    try:  # isolation of q_sample and p_sample from the schedule: autograder only (locally there is no reference to re-run)
+        notes += on_own_schedule(results, failing_all, params, per_check, student)
+    except Exception as exc:  # noqa: BLE001 - a courtesy; never lowers a score
+        notes.append(f"own-schedule check of p_sample skipped: {type(exc).__name__}: {exc}")
+    failing = [f for f in failing if not results[f[0].name][0]]
     if failing and HINT_BUDGET_S > 0:
         started = time.time()
         try:
@@ -62,6 +71,66 @@ def judge(data):
             notes.append(f"known-mistake hints skipped: {type(exc).__name__}: {exc}")
         notes.append(f"known-mistake hints took {time.time() - started:.1f} s")
     return {"results": results, "notes": notes}
+
+
+def own_schedule_module(stored, T):
+    """The reference Diffusion with the schedule buffers the student's __init__ computed (matched by name), so a
+    p_sample that is right for the student's own (wrong) schedule can be recognised. None if nothing matches."""
+    import types
+
+    import torch
+
+    values = {}
+    for s in stored if isinstance(stored, list) else []:
+        if isinstance(s, dict) and isinstance(s.get("values"), list) and len(s["values"]) == T:
+            v = td.tensor_of({"shape": [T], "values": s["values"]})
+            if v is not None and torch.isfinite(v).all():
+                values[str(s.get("name"))] = v.float()
+    reference = td.diffusion.Diffusion
+    names = [n for n, _ in reference(td.TinyEps(1), image_size=1, channels=1, timesteps=T).named_buffers()
+             if not n.startswith("model.")]
+    if not any(n in values for n in names):
+        return None
+
+    class OwnSchedule(reference):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            for name in names:
+                if name in values:
+                    setattr(self, name, values[name].clone())
+
+    return types.SimpleNamespace(Diffusion=OwnSchedule)
+
+
+def on_own_schedule(results, failing_all, params, per_check, student):
+    """Re-judge failing q_sample and p_sample checks against the reference run with the student's schedule buffers."""
+    schedule_failed = any(not results[c.name][0] for c in td.CHECKS if c.function == "schedule")
+    if not schedule_failed:
+        return []
+    notes, modules = [], {}
+    for chk, got, ref in failing_all:
+        if chk.function not in ("q_sample", "p_sample") or results[chk.name][0]:
+            continue
+        requests = per_check[chk.name]
+        T = requests[0]["args"]["T"]
+        if T not in modules:
+            stored = None
+            for key, out in student.items():
+                if key.startswith('{"args": {') and '"probe": "schedule"' in key and isinstance(out, dict):
+                    request = json.loads(key)
+                    if request["args"].get("T") == T:
+                        stored = out.get("stored")
+            modules[T] = own_schedule_module(stored, T) if stored else None
+        module = modules[T]
+        if module is None:
+            continue
+        own_ref = [plain(td.run_request(module, r)) for r in requests]
+        passed, _ = td.judge_check(chk, got, own_ref, params)
+        if passed:
+            results[chk.name] = [True, f"{chk.function} is right for the schedule your __init__ computes; that "
+                                       "schedule differs from the reference's, which the schedule checks count."]
+            notes.append(f"{chk.name}: passed on the student's own schedule")
+    return notes
 
 
 def hints(failing, params, per_check, reference, results, deadline):
