@@ -12,17 +12,24 @@ Principle: no point can be earned by anything the submission's process can see o
   2. Plan (trusted, root, trusted_judge.py plan): fresh inputs for every check are drawn from a secret seed
      (secrets module: other T, other seeds each run) and the reference solution's outputs are computed.
   3. Probe (untrusted): probe_worker.py runs as a throwaway unprivileged uid (no passwd entry, no groups, a new
-     uid each run, so it shares nothing with any other process) in a fresh folder holding only the submission
-     and the public test_diffusion.py, with a scrubbed environment, limits on address space, processes, file
-     size and open files, a watchdog on the resident memory of all its processes, a per-probe timeout and a
+     uid each run, so it shares nothing with any other process, unlike `nobody`) in a fresh folder holding only
+     the submission and the public test_diffusion.py, with a scrubbed environment, limits on address space
+     (8 GB virtual), processes (512), file size (8 MB) and open files (256), a watchdog on the resident memory
+     summed over all its processes (--memory-mb, 640 MB by default), a per-probe timeout (60 s) and a
      wall-clock limit. It gets the probe inputs on stdin and returns plain JSON numbers on a pipe; the grader
-     reads at most 64 MB, lines of at most 16 MB, keeps the first answer per probe and ignores anything else.
+     reads at most 8 MB, lines of at most 4 MB, keeps the first answer per probe and ignores anything else.
+     Where the machine allows a private mount namespace (root with CAP_SYS_ADMIN), the student's process sees
+     only the system folders (/usr, /lib*, /bin, /sbin, /etc, /proc, /sys, /dev), its work folder, its home and
+     the interpreter's prefix: every other top-level folder (/tmp, /home, /root, /autograder, /opt, ...) is an
+     empty tmpfs, so no world-readable copy of anything elsewhere on the machine is visible either.
      When the probes are done (or a limit is hit) every process of that uid is killed (kill(-1) as that uid, so
      setsid daemons, double forks, threads, finalizers and atexit handlers all end with it). A probe that hangs
      costs only the checks that use it: the worker is restarted for the remaining probes.
   4. Judge (trusted, root, trusted_judge.py judge, after every student process is gone): compares the student's
      numbers with the reference's using the judges of test_diffusion.py (one source of truth with local pytest),
-     adds known-mistake hints (the mutant catalogue run on the same inputs), and the grader writes results.json.
+     re-judges failing q_sample / p_sample checks on the student's own schedule buffers (so a schedule bug costs
+     only the schedule), adds known-mistake hints (the mutant catalogue run on the same inputs), and the grader
+     writes results.json.
      Student data is parsed as JSON only (never unpickled), checked for shape and finiteness.
 
 If the runner is not root, or the unprivileged uid cannot start the interpreter (e.g. it is installed under a
@@ -51,8 +58,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 PUBLIC_FILES = ["test_diffusion.py", "probe_worker.py"]  # what the student's process gets next to diffusion.py
 MAX_SOURCE = 1 << 20
-MAX_PROTOCOL = 64 << 20
-MAX_LINE = 16 << 20
+MAX_PROTOCOL = 8 << 20  # a correct submission sends about 1.5 MB at the largest T
+MAX_LINE = 4 << 20
 MAX_LOG = 8 << 20
 ADDRESS_SPACE = int(os.environ.get("GRADER_ADDRESS_SPACE_MB", "8192")) << 20  # virtual; the watchdog limits resident memory
 SUSPICIOUS = {  # shown to instructors only; mentions are not proof of anything
@@ -309,10 +316,10 @@ class Worker:
                 break
             self.total += len(chunk)
             if self.total > MAX_PROTOCOL:
-                raise OverflowError("more than 64 MB of output")
+                raise OverflowError(f"more than {MAX_PROTOCOL >> 20} MB of output")
             self.buffer += chunk
             if len(self.buffer) > MAX_LINE and b"\n" not in self.buffer:
-                raise OverflowError("a line longer than 16 MB")
+                raise OverflowError(f"a line longer than {MAX_LINE >> 20} MB")
             if len(chunk) < (1 << 20):
                 break
         *complete, self.buffer = self.buffer.split(b"\n")
@@ -417,6 +424,10 @@ def run_probes(python, work, uid, requests, *, time_limit, probe_timeout, memory
                 notes["leftover processes"] = notes.get("leftover processes", 0) + left
         notes["peak RSS of the student's processes (MB)"] = max(notes.get("peak RSS of the student's processes (MB)", 0),
                                                                  round(peak / 2 ** 20))
+        if not ready and visible is not None:  # perhaps the interpreter needs a folder the hiding left out
+            notes["file system"] = "the interpreter did not start with the file system hidden; ran without hiding"
+            visible = None
+            continue
         if not ready:
             general = REFUSED + (" (the interpreter did not start within 120 s)" if stop_reason == "start_timeout" else "")
             notes["refused"] = f"worker exit code {worker.proc.returncode}; see the worker log tail"
@@ -428,14 +439,14 @@ def run_probes(python, work, uid, requests, *, time_limit, probe_timeout, memory
                 f"importing it took longer than {probe_timeout:.0f} s" if stop_reason == "probe_timeout" else
                 f"importing it used more than {memory // 2 ** 20} MB of memory" if stop_reason == "memory" else
                 f"the whole run reached the time limit of {time_limit:.0f} s" if stop_reason == "time" else
-                "it wrote more output than the grader reads (64 MB)" if stop_reason == "flood" else
+                f"it wrote more output than the grader reads ({MAX_PROTOCOL >> 20} MB)" if stop_reason == "flood" else
                 f"the process ended while importing it (exit code {worker.proc.returncode}: a crash, exit() or os._exit?)"))
             break
         first = pending[0]
         reason = {"time": f"the whole run reached the time limit of {time_limit:.0f} s",
                   "probe_timeout": f"it ran longer than {probe_timeout:.0f} s (an infinite loop, or very slow code?)",
                   "memory": f"your code's processes used more than {memory // 2 ** 20} MB of memory",
-                  "flood": "your code wrote more output than the grader reads (64 MB)"}.get(
+                  "flood": f"your code wrote more output than the grader reads ({MAX_PROTOCOL >> 20} MB)"}.get(
             stop_reason, f"the process ended early (exit code {worker.proc.returncode}: a crash or os._exit?)")
         if stop_reason in ("time", "flood"):
             for i in pending:
