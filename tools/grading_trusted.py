@@ -73,9 +73,17 @@ def judge(data):
     return {"results": results, "notes": notes}
 
 
+# which schedule group a reference buffer belongs to (see SCHEDULE_GROUPS in test_diffusion.py)
+BUFFER_GROUPS = {"alphas_cumprod": "alpha_bar", "sqrt_alphas_cumprod": "alpha_bar",
+                 "sqrt_one_minus_alphas_cumprod": "alpha_bar", "posterior_variance": "posterior_variance",
+                 "alphas_cumprod_prev": "posterior_mean", "posterior_mean_coef_x0": "posterior_mean",
+                 "posterior_mean_coef_xt": "posterior_mean"}
+
+
 def own_schedule_module(stored, T):
-    """The reference Diffusion with the schedule buffers the student's __init__ computed (matched by name), so a
-    p_sample that is right for the student's own (wrong) schedule can be recognised. None if nothing matches."""
+    """(module, differing buffer names): the reference Diffusion with the schedule buffers the student's __init__
+    stored under the reference's names, so that a q_sample / p_sample that is right for the student's own
+    (wrong) schedule can be recognised. None if no stored buffer differs from the reference's."""
     import types
 
     import torch
@@ -87,27 +95,28 @@ def own_schedule_module(stored, T):
             if v is not None and torch.isfinite(v).all():
                 values[str(s.get("name"))] = v.float()
     reference = td.diffusion.Diffusion
-    names = [n for n, _ in reference(td.TinyEps(1), image_size=1, channels=1, timesteps=T).named_buffers()
-             if not n.startswith("model.")]
-    if not any(n in values for n in names):
+    buffers = {n: b.double() for n, b in reference(td.TinyEps(1), image_size=1, channels=1, timesteps=T).named_buffers()
+               if not n.startswith("model.")}
+    differing = [n for n in buffers if n in values and not td.close_relative(values[n].double(), buffers[n])]
+    if not differing:
         return None
 
     class OwnSchedule(reference):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            for name in names:
+            for name in buffers:
                 if name in values:
                     setattr(self, name, values[name].clone())
 
-    return types.SimpleNamespace(Diffusion=OwnSchedule)
+    return types.SimpleNamespace(Diffusion=OwnSchedule), differing
 
 
 def on_own_schedule(results, failing_all, params, per_check, student):
-    """Re-judge failing q_sample and p_sample checks against the reference run with the student's schedule buffers."""
-    schedule_failed = any(not results[c.name][0] for c in td.CHECKS if c.function == "schedule")
-    if not schedule_failed:
-        return []
-    notes, modules = [], {}
+    """Re-judge failing q_sample and p_sample checks against the reference run with the student's schedule
+    buffers. Where that makes them pass, the schedule groups of the differing buffers fail instead (the bug is in
+    __init__), so the bug costs the schedule's points, not q_sample's or p_sample's."""
+    notes, modules, blamed = [], {}, {}
+    size_of = {T: size for size, T in params["T"].items()}
     for chk, got, ref in failing_all:
         if chk.function not in ("q_sample", "p_sample") or results[chk.name][0]:
             continue
@@ -116,20 +125,29 @@ def on_own_schedule(results, failing_all, params, per_check, student):
         if T not in modules:
             stored = None
             for key, out in student.items():
-                if key.startswith('{"args": {') and '"probe": "schedule"' in key and isinstance(out, dict):
-                    request = json.loads(key)
-                    if request["args"].get("T") == T:
-                        stored = out.get("stored")
+                request = json.loads(key)
+                if request.get("probe") == "schedule" and request["args"].get("T") == T and isinstance(out, dict):
+                    stored = out.get("stored")
             modules[T] = own_schedule_module(stored, T) if stored else None
-        module = modules[T]
-        if module is None:
+        if modules[T] is None:
             continue
+        module, differing = modules[T]
         own_ref = [plain(td.run_request(module, r)) for r in requests]
         passed, _ = td.judge_check(chk, got, own_ref, params)
         if passed:
-            results[chk.name] = [True, f"{chk.function} is right for the schedule your __init__ computes; that "
-                                       "schedule differs from the reference's, which the schedule checks count."]
-            notes.append(f"{chk.name}: passed on the student's own schedule")
+            results[chk.name] = [True, f"{chk.function} is right for the schedule your __init__ computes "
+                                       f"({', '.join('self.' + n for n in differing)} differ from the reference's); "
+                                       "the schedule checks count that."]
+            notes.append(f"{chk.name}: passed on the student's own schedule ({', '.join(differing)} differ)")
+            blamed.setdefault(T, set()).update(differing)
+    for T, names in blamed.items():
+        for name in sorted(names):
+            group = BUFFER_GROUPS.get(name)
+            check = f"schedule_{group}-{size_of.get(T)}_T"
+            if group and check in results and results[check][0]:
+                results[check] = [False, f"self.{name} differs from the reference's {name} (T={T}); your q_sample / "
+                                         "p_sample use it as it is, so the mistake is counted here, in the schedule."]
+                notes.append(f"{check}: failed, self.{name} differs")
     return notes
 
 
