@@ -213,7 +213,7 @@ def _mount(source, target, fstype, flags, data=None):
         raise OSError(ctypes.get_errno(), f"mount {target}")
 
 
-def hide_filesystem(visible):
+def hide_filesystem(visible, home=None, uid=None):
     """In a new mount namespace: empty tmpfs over every non-system top-level folder (and /dev/shm), with the
     `visible` folders bound back at their own paths. Runs in the child, as root, before dropping to the uid."""
     import ctypes
@@ -241,9 +241,11 @@ def hide_filesystem(visible):
         os.makedirs(path, exist_ok=True)
         _mount(stage, path, None, MS_MOVE)
     _mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=1777")
+    if home is not None and uid is not None:  # the only writable place: 64 MB, so the disk cannot be filled
+        _mount("tmpfs", home, "tmpfs", MS_NOSUID | MS_NODEV, f"size=64m,mode=700,uid={uid},gid={uid}")
 
 
-def make_sandbox(address_space, uid, visible):
+def make_sandbox(address_space, uid, visible, home=None):
     """preexec_fn of the student's process: limits, the hidden file system (if given), then the unprivileged uid."""
     if visible is not None:
         _libc()  # loaded before the fork
@@ -255,7 +257,7 @@ def make_sandbox(address_space, uid, visible):
         resource.setrlimit(resource.RLIMIT_FSIZE, (MAX_LOG, MAX_LOG))
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
         if visible is not None:
-            hide_filesystem(visible)
+            hide_filesystem(visible, home, uid)
         if uid is not None:
             os.setgroups([])
             os.setgid(uid)
@@ -288,7 +290,7 @@ class Worker:
         os.chown(self.log.name, 0, 0)
         self.proc = subprocess.Popen([python, "-I", "probe_worker.py"], cwd=work, env=env, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.log, start_new_session=True,
-                                     preexec_fn=make_sandbox(ADDRESS_SPACE, uid, visible))
+                                     preexec_fn=make_sandbox(ADDRESS_SPACE, uid, visible, env.get("HOME")))
         try:
             self.proc.stdin.write(json.dumps(requests).encode())
             self.proc.stdin.close()

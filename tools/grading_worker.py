@@ -44,6 +44,11 @@ def main():
         protocol.flush()
     protocol.write(json.dumps({"done": True}) + "\n")
     protocol.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
     os._exit(0)  # no atexit handlers or finalizers of the submission
 
 
