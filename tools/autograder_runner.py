@@ -287,7 +287,8 @@ class Worker:
 
     def __init__(self, python, work, uid, requests, env, memory, visible=None):
         self.log = open(os.path.join(os.path.dirname(work), "worker.log"), "ab")
-        os.chown(self.log.name, 0, 0)
+        if os.geteuid() == 0:
+            os.chown(self.log.name, 0, 0)
         self.proc = subprocess.Popen([python, "-I", "probe_worker.py"], cwd=work, env=env, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.log, start_new_session=True,
                                      preexec_fn=make_sandbox(ADDRESS_SPACE, uid, visible, env.get("HOME")))

@@ -15,7 +15,7 @@ Zip layout (Gradescope's format, everything at the top level; Gradescope unpacks
   manifest.json         every graded check with its function and max_score (POINTS split evenly per function)
 No fixture: the autograder computes the reference's outputs for fresh inputs each run.
 
-Grading the reference takes about 15-25 s and under 768 MB for the whole process tree with the CPU build of
+Grading the reference takes about 7 s and about 340 MB for the whole process tree with the CPU build of
 torch; set the Gradescope autograder timeout to 10 minutes (the runner stops the student's code after 8).
 """
 import argparse
