@@ -4,7 +4,8 @@ The simulation is the real thing run locally: run_autograder with AUTOGRADER_ROO
 and AUTOGRADER_PYTHON (the interpreter). When the tests run as root, the grader runs the submission as a
 throwaway unprivileged uid, which needs an interpreter that such a uid can execute: the first of
 $AUTOGRADER_TEST_PYTHON, this interpreter, /tmp/venv-cpu/bin/python that can import torch and pytest as that
-uid. When the tests are not root, the grader can only run in its development mode (GRADER_ALLOW_SAME_USER=1,
+uid (in the grader's private mount namespace where the machine allows one: there the interpreter's folders are
+exposed even if they sit under /root). When the tests are not root, the grader can only run in its development mode (GRADER_ALLOW_SAME_USER=1,
 no isolation): the functional tests still run, the attack tests are skipped (they need the isolation).
 """
 import functools
@@ -33,10 +34,19 @@ def mutant(*names):
 
 
 def _runs_unprivileged(python):
+    """Whether the grader could run `python` as an unprivileged uid (inside its private mount namespace, where the
+    machine allows one, the interpreter's folders are exposed, so even one under /root may do)."""
+    import autograder_runner
+
     uid = 1_999_999
+    visible = None
+    if autograder_runner.can_hide_filesystem():
+        visible = sorted({os.path.dirname(os.path.dirname(os.path.abspath(python))),
+                          os.path.dirname(os.path.dirname(os.path.realpath(python)))} - {"/"})
     try:
-        proc = subprocess.run([python, "-I", "-c", "import torch, pytest"], user=uid, group=uid, extra_groups=[],
-                              capture_output=True, timeout=300, cwd="/", env={"PATH": "/usr/bin:/bin", "HOME": "/"})
+        proc = subprocess.run([python, "-I", "-c", "import torch, pytest"], capture_output=True, timeout=300, cwd="/",
+                              env={"PATH": "/usr/bin:/bin", "HOME": "/"},
+                              preexec_fn=autograder_runner.make_sandbox(8 << 30, uid, visible))
     except (OSError, subprocess.SubprocessError):
         return False
     return proc.returncode == 0

@@ -234,9 +234,12 @@ def hide_filesystem(visible, home=None, uid=None):
         staged.append((stage, path))
     for name in os.listdir("/"):
         path = "/" + name
-        if name in SYSTEM_DIRS or not os.path.isdir(path) or os.path.islink(path):
+        if name in SYSTEM_DIRS or os.path.islink(path):
             continue
-        _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
+        if os.path.isdir(path):
+            _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
+        elif os.path.isfile(path):  # e.g. a container's info file
+            _mount("/dev/null", path, None, MS_BIND)
     for stage, path in staged:
         os.makedirs(path, exist_ok=True)
         _mount(stage, path, None, MS_MOVE)
