@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.join(REPO, "tools"))
 import make_handout  # noqa: E402
 from conftest import HANG_GUARD_S  # noqa: E402
 
-N_TESTS = 45
+N_TESTS = 41
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def run_pytest(folder, tmp_path):
 def test_handout_contents(handout):
     folder, zip_path = handout
     for name in ["diffusion.py", "unet.py", "test_diffusion.py", "conftest.py", "pytest.ini", "requirements.txt",
-                 "test_fixtures/diffusion_reference.pt"]:
+                 "test_fixtures/reference_outputs.json"]:
         assert (folder / name).is_file(), name
     for name in ["tests", "tools", "bench", ".ci", "build", ".git"]:
         assert not (folder / name).exists(), name
@@ -91,6 +91,13 @@ def test_bare_handout_scores_zero_without_crashing(handout, tmp_path):
         assert failure is not None, f"{name} passed on the bare handout"
         assert "not implemented yet" in failure and "TODO: implement Diffusion." in failure, (name, failure[:500])
     assert re.search(r"total\s+0\.00 / 100", output), output[-2000:]
+    # compact: no chained tracebacks, each check one progress letter, each unimplemented function one line
+    assert "During handling" not in output and "Traceback" not in output, output[-3000:]
+    assert len(output.splitlines()) <= 40, output
+    todo_lines = [line for line in output.splitlines() if line.strip().startswith("TODO: implement Diffusion.")]
+    functions = [re.search(r"Diffusion\.(\w+)", line).group(1) for line in todo_lines]
+    assert len(functions) == len(set(functions)) and "__init__" in functions, todo_lines
+    assert re.search(r"\b41 todo\b", output), output[-500:]
 
 
 def test_handout_with_reference_gets_full_marks(handout, tmp_path):

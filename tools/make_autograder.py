@@ -4,15 +4,19 @@
     python tools/make_autograder.py --out /tmp/ag.zip
 
 Zip layout (Gradescope's format, everything at the top level; Gradescope unpacks it into /autograder/source):
-  setup.sh          installs CPU-only torch and pytest (versions pinned from requirements.txt)
-  run_autograder    runs grader.py, which writes /autograder/results/results.json
-  grader.py         tools/autograder_runner.py (see its docstring for the isolation and its limits)
-  grading_plugin.py tools/grading_plugin.py (per-test outcomes to the runner)
-  manifest.json     every graded test id with its function and max_score (POINTS split evenly per function)
-  test_diffusion.py, test_fixtures/, unet.py
+  setup.sh              installs CPU-only torch and pytest (versions pinned from requirements.txt)
+  run_autograder        runs grader.py, which writes /autograder/results/results.json
+  grader.py             tools/autograder_runner.py (the orchestration, the sandbox; see its docstring)
+  trusted_judge.py      tools/grading_trusted.py (draws the secret inputs, runs the reference, judges; root only)
+  probe_worker.py       tools/grading_worker.py (the only process that runs student code, unprivileged)
+  test_diffusion.py     the probes and judges (the same file students run locally)
+  reference/diffusion.py the reference solution (root-only at grading time)
+  mutation_test.py      the mutant catalogue (known-mistake hints)
+  manifest.json         every graded check with its function and max_score (POINTS split evenly per function)
+No fixture: the autograder computes the reference's outputs for fresh inputs each run.
 
-The test run needs well under 768 MB (CPU torch plus tiny tensors) and a few seconds on a CPU for a correct
-submission; set the Gradescope autograder timeout to 10 minutes (the runner stops itself after 8).
+Grading the reference takes about 7 s and about 340 MB for the whole process tree with the CPU build of
+torch; set the Gradescope autograder timeout to 10 minutes (the runner stops the student's code after 8).
 """
 import argparse
 import json
@@ -54,21 +58,11 @@ def requirement(name, default):
 
 
 def collect_manifest():
-    """Graded test ids of test_diffusion.py with their function and max_score."""
+    """Graded checks of test_diffusion.py with their function and max_score."""
     code = r"""
-import json, sys, pytest
-class C:
-    def __init__(self): self.items = []
-    def pytest_collection_modifyitems(self, items):
-        for item in items:
-            m = item.get_closest_marker("graded")
-            if m is not None:
-                self.items.append((item.nodeid, m.args[0]))
-c = C()
-rc = pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", "test_diffusion.py"], plugins=[c])
-import test_diffusion
-print("MANIFEST" + json.dumps({"items": c.items, "points": test_diffusion.POINTS}))
-sys.exit(rc)
+import json, test_diffusion
+print("MANIFEST" + json.dumps({"items": [(c.name, c.function) for c in test_diffusion.CHECKS],
+                               "points": test_diffusion.POINTS}))
 """
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     line = next((l for l in proc.stdout.splitlines() if l.startswith("MANIFEST")), None)
@@ -104,11 +98,11 @@ def build(out):
         add_text(z, "setup.sh", setup, 0o755)
         add_text(z, "run_autograder", RUN_AUTOGRADER, 0o755)
         add_file(z, "tools/autograder_runner.py", "grader.py")
-        add_file(z, "tools/grading_plugin.py", "grading_plugin.py")
+        add_file(z, "tools/grading_trusted.py", "trusted_judge.py")
+        add_file(z, "tools/grading_worker.py", "probe_worker.py")
+        add_file(z, "tools/mutation_test.py", "mutation_test.py")
         add_file(z, "test_diffusion.py", "test_diffusion.py")
-        add_file(z, "unet.py", "unet.py")
-        for name in sorted(os.listdir(os.path.join(ROOT, "test_fixtures"))):
-            add_file(z, os.path.join("test_fixtures", name), f"test_fixtures/{name}")
+        add_file(z, "diffusion.py", "reference/diffusion.py")
         add_text(z, "manifest.json", json.dumps(manifest, indent=1))
     return manifest
 

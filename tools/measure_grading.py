@@ -1,0 +1,82 @@
+"""Time and peak memory of one simulated Gradescope run (instructors only).
+
+    python tools/measure_grading.py --zip build/autograder.zip --python /tmp/venv-cpu/bin/python [--submission diffusion.py]
+
+Unpacks the zip into a fresh AUTOGRADER_ROOT, grades the submission (default: the reference diffusion.py) with
+run_autograder, and samples every 50 ms the resident memory summed over the whole process tree (the runner, the
+trusted processes, the student's processes). Run it as root, as Gradescope does.
+"""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tree(pid):
+    children = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(name))
+            except (OSError, ValueError, IndexError):
+                pass
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def rss(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--zip", default=os.path.join(ROOT, "build", "autograder.zip"))
+    parser.add_argument("--python", default=sys.executable)
+    parser.add_argument("--submission", default=os.path.join(ROOT, "diffusion.py"))
+    args = parser.parse_args(argv)
+    root = tempfile.mkdtemp(prefix="measure-")
+    try:
+        os.makedirs(os.path.join(root, "submission"))
+        with zipfile.ZipFile(args.zip) as z:
+            z.extractall(os.path.join(root, "source"))
+            for info in z.infolist():
+                os.chmod(os.path.join(root, "source", info.filename), (info.external_attr >> 16) & 0o777 or 0o644)
+        shutil.copy(args.submission, os.path.join(root, "submission", "diffusion.py"))
+        env = dict(os.environ, AUTOGRADER_ROOT=root, AUTOGRADER_PYTHON=args.python, OMP_NUM_THREADS="1")
+        start = time.time()
+        proc = subprocess.Popen(["bash", os.path.join(root, "source", "run_autograder")], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        peak = 0
+        while proc.poll() is None:
+            peak = max(peak, rss(tree(proc.pid)))
+            time.sleep(0.05)
+        elapsed = time.time() - start
+        output = proc.stdout.read().decode(errors="replace").strip().splitlines()
+        print(f"{output[-1] if output else '(no output)'}; {elapsed:.1f} s; peak RSS of the process tree "
+              f"{peak / 2 ** 20:.0f} MB; python {args.python}")
+        return proc.returncode
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
