@@ -743,9 +743,9 @@ def storage_match(got, ref, group, T):
 SCHEDULE_GROUPS = {
     "alpha_bar": ("alpha_bar_t (eq. 12-14)", [("sqrt_alpha_bar", "sqrt(alpha_bar_t), read as q_sample(x_0=1, t, noise=0)"),
                                              ("sqrt_one_minus_alpha_bar", "sqrt(1 - alpha_bar_t), read as q_sample(x_0=0, t, noise=1)")]),
-    "posterior_variance": ("the posterior variance sigma_t^2 (eq. 17)",
+    "posterior_variance": ("the posterior variance sigma_t^2 (eq. 18)",
                            [("sigma", "sigma_t, read as p_sample(x=0, t, t_index) with eps=0 and noise_like -> 1")]),
-    "posterior_mean": ("alpha_bar_{t-1} and the posterior-mean coefficients (eq. 16)",
+    "posterior_mean": ("alpha_bar_{t-1} and the posterior-mean coefficients (eq. 18)",
                        [("mean", "the posterior mean, read as p_sample(x, t, t_index) with a constant eps and noise_like -> 0")]),
 }
 
@@ -898,7 +898,7 @@ def _routes(got, ref, judge_route):
 def judge_p_losses(got, ref, p, size):
     T = p["T"][size]
     t = p_losses_inputs(T, seed_of(p, f"p_losses/{size}"))[1].tolist()
-    what = f"p_losses(x_0, t, noise) for T={T}, t = {t} (Algorithm 1, eq. 19)"
+    what = f"p_losses(x_0, t, noise) for T={T}, t = {t} (Algorithm 1)"
     iso, own = _routes(got, ref, lambda g, r: compare(what, (g or {}).get("loss") if not error_of(g) else g,
                                                        (r or {}).get("loss")))
     if iso is None and own is None:
@@ -1095,7 +1095,7 @@ for _size in SIZES:
         def _judge(got, ref, p, _size=_size, _which=_which):
             T, i = p["T"][_size], ps_index(p, _size, _which)
             return (lambda m: (m is None, m or ""))(compare(
-                f"p_sample(x_t, t, t_index={i}) (T={T}, Algorithm 2, eq. 15-17)", got[0].get("out") if not error_of(got[0].get("init")) else got[0].get("init"),
+                f"p_sample(x_t, t, t_index={i}) (T={T}, Algorithm 2, eq. 18-19)", got[0].get("out") if not error_of(got[0].get("init")) else got[0].get("init"),
                 ref[0].get("out")))
 
         check(f"p_sample_matches_reference-{_size}_T-t_index_{_which}", "p_sample",
@@ -1107,7 +1107,7 @@ for _size in SIZES:
         rec = got[0]
         problem = first_error(rec) if "stored" not in rec else None
         problem = problem or compare(f"the posterior mean, read as p_sample(x, t, t_index) with a constant eps and "
-                                     f"noise_like -> 0, for every t_index in 0..{T - 1} (T={T}, eq. 15-16)",
+                                     f"noise_like -> 0, for every t_index in 0..{T - 1} (T={T}, eq. 18-19)",
                                      rec.get("mean"), ref[0].get("mean"), rtol=1e-3, atol=1e-6, labels=_labels(T))
         return problem is None, problem or ""
 

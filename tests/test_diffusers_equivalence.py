@@ -2,7 +2,7 @@
 
 Configuration that matches the homework: squaredcos_cap_v2 betas (the cosine schedule with beta <= 0.999, i.e.
 alpha >= 0.001), clip_sample=True (x_0 estimate clamped to [-1, 1]), variance_type="fixed_small" (the posterior
-variance of eq. 17), prediction_type="epsilon". Same noise on both sides: our noise_like returns the draw that
+variance of eq. 18), prediction_type="epsilon". Same noise on both sides: our noise_like returns the draw that
 diffusers makes from a generator with the same seed.
 
 Tolerance: diffusers stores betas as float32 and takes the cumulative product of alphas in float32, while

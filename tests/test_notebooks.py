@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -405,7 +406,14 @@ def test_code_cell_unzips_an_uploaded_handout_zip(name, tmp_path, monkeypatch, i
     assert diffusion.STUDENT_EDIT == 1
     (code_dir / "diffusion.py").write_text((code_dir / "diffusion.py").read_text().replace("STUDENT_EDIT = 1",
                                                                                            "STUDENT_EDIT = 2"))
+    # an installed package in a virtual environment inside the homework folder stays loaded (torch imported twice
+    # in one process crashes the kernel)
+    installed = types.ModuleType("installed_in_venv")
+    installed.__file__ = str(code_dir / ".venv" / "lib" / "site-packages" / "installed_in_venv" / "__init__.py")
+    installed.__path__ = [str(Path(installed.__file__).parent)]
+    monkeypatch.setitem(sys.modules, "installed_in_venv", installed)
     ns["reload_homework"]()
+    assert sys.modules.get("installed_in_venv") is installed
     assert importlib.import_module("diffusion").STUDENT_EDIT == 2
     for module_name, module in list(sys.modules.items()):  # none of the kit's modules left from elsewhere
         if module_name.split(".")[0] in ns["HOMEWORK_MODULES"] and getattr(module, "__file__", None):

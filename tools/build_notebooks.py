@@ -349,9 +349,10 @@ HOMEWORK_MODULES = {"diffusion", "unet", "utils", "trainer", "fid", "kit"}  # an
 
 def reload_homework():
     \"\"\"Forget the homework's modules (diffusion, unet, utils, trainer, fid, kit.* and any other module whose file
-    lives in the homework folder) and import utils again, so that the next call runs the code as it is on disk now:
-    edits to diffusion.py take effect without restarting the runtime.\"\"\"
-    folder = os.path.join(code, "")
+    stands in the homework folder or its kit/ folder) and import utils again, so that the next call runs the code
+    as it is on disk now: edits to diffusion.py take effect without restarting the runtime. Installed packages
+    stay, even in a virtual environment inside the homework folder (importing torch twice crashes the kernel).\"\"\"
+    homework_folders = {os.path.abspath(code), os.path.join(os.path.abspath(code), "kit")}
     for name, module in list(sys.modules.items()):
         files = [getattr(module, "__file__", None)]
         try:  # a package's folders (some extension modules have a __path__ that is not a list)
@@ -359,7 +360,7 @@ def reload_homework():
         except TypeError:
             pass
         if name.split(".")[0] in HOMEWORK_MODULES or any(
-                isinstance(f, str) and os.path.abspath(f).startswith(folder) for f in files):
+                isinstance(f, str) and os.path.dirname(os.path.abspath(f)) in homework_folders for f in files):
             del sys.modules[name]
     importlib.invalidate_caches()
     return importlib.import_module("utils")

@@ -70,7 +70,7 @@ class Diffusion(nn.Module):
         # q(x_t | x_0) (eq. 13)
         register("sqrt_alphas_cumprod", torch.sqrt(alphas_cumprod))
         register("sqrt_one_minus_alphas_cumprod", torch.sqrt(1.0 - alphas_cumprod))
-        # posterior q(x_{t-1} | x_t, x_0) mean coefficients (eq. 16) and variance (eq. 17)
+        # posterior q(x_{t-1} | x_t, x_0) mean coefficients and variance (eq. 18)
         register("posterior_mean_coef_x0", torch.sqrt(alphas_cumprod_prev) * (1.0 - alphas) / (1.0 - alphas_cumprod))
         register("posterior_mean_coef_xt", torch.sqrt(alphas) * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod))
         register("posterior_variance", (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod) * (1.0 - alphas))
@@ -83,16 +83,16 @@ class Diffusion(nn.Module):
     def p_sample(self, x, t, t_index):
         """One reverse step x_t -> x_{t-1} (Algorithm 2, with the clipped x_0 estimate)."""
         eps = self.model(x, t)
-        # eq. 15: x_0 = (x_t - sqrt(1 - alpha-bar_t) eps) / sqrt(alpha-bar_t), clipped to the data range
+        # eq. 19: x_0 = (x_t - sqrt(1 - alpha-bar_t) eps) / sqrt(alpha-bar_t), clipped to the data range
         x_0 = (x - extract(self.sqrt_one_minus_alphas_cumprod, t, x.shape) * eps) / extract(
             self.sqrt_alphas_cumprod, t, x.shape
         )
         x_0 = x_0.clamp(-1.0, 1.0)
-        # eq. 16: posterior mean
+        # eq. 18: posterior mean
         mean = extract(self.posterior_mean_coef_xt, t, x.shape) * x + extract(self.posterior_mean_coef_x0, t, x.shape) * x_0
         if t_index == 0:
             return mean  # the last step (t = 1) adds no noise
-        # eq. 17: sigma_t^2 = (1 - alpha-bar_{t-1}) / (1 - alpha-bar_t) * (1 - alpha_t)
+        # eq. 18: sigma_t^2 = (1 - alpha-bar_{t-1}) / (1 - alpha-bar_t) * (1 - alpha_t)
         sigma = torch.sqrt(extract(self.posterior_variance, t, x.shape))
         return mean + sigma * self.noise_like(x.shape, x.device)
 
@@ -126,7 +126,7 @@ class Diffusion(nn.Module):
         )
 
     def p_losses(self, x_0, t, noise):
-        """L1 between the model's noise prediction and the true noise (Algorithm 1, eq. 19)."""
+        """L1 between the model's noise prediction and the true noise (Algorithm 1)."""
         x_t = self.q_sample(x_0, t, noise)
         predicted_noise = self.model(x_t, t)
         return F.l1_loss(predicted_noise, noise)
