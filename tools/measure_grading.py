@@ -16,6 +16,9 @@ import time
 import zipfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+from autograder_runner import rss_of  # noqa: E402  (resident memory summed over processes, as the grader's watchdog)
 
 
 def tree(pid):
@@ -34,17 +37,6 @@ def tree(pid):
         out.append(p)
         todo += children.get(p, [])
     return out
-
-
-def rss(pids):
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/statm") as f:
-                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError, IndexError):
-            pass
-    return total
 
 
 def main(argv=None):
@@ -67,7 +59,7 @@ def main(argv=None):
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         peak = 0
         while proc.poll() is None:
-            peak = max(peak, rss(tree(proc.pid)))
+            peak = max(peak, rss_of(tree(proc.pid)))
             time.sleep(0.05)
         elapsed = time.time() - start
         output = proc.stdout.read().decode(errors="replace").strip().splitlines()
