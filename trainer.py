@@ -260,6 +260,5 @@ class Trainer:
     def close(self):
         if self.logger:
             self.logger.finish()
-
         if self.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
