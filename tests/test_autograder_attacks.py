@@ -228,6 +228,29 @@ Diffusion.q_sample = _flood
 ''')
 
 
+# a decoy schedule buffer: the reference's name holds crafted values that make the reference reproduce the
+# buggy q_sample (so a re-judge "on the student's own schedule" would pass it), while the code runs on the true
+# values kept under another name
+DECOY_SCHEDULE = attack(r'''
+_plain_init, _plain_p_sample = Diffusion.__init__, Diffusion.p_sample
+def _init_with_decoy(self, *args, **kwargs):
+    _plain_init(self, *args, **kwargs)
+    if isinstance(getattr(self, "sqrt_one_minus_alphas_cumprod", None), torch.Tensor):
+        self.register_buffer("_soma", self.sqrt_one_minus_alphas_cumprod.clone())
+        self.sqrt_one_minus_alphas_cumprod = -self._soma  # what q_sample's "- noise" looks like, as a schedule
+def _q_sample_on_true_values(self, x_0, t, noise):
+    return extract(self.sqrt_alphas_cumprod, t, x_0.shape) * x_0 - extract(self._soma, t, x_0.shape) * noise
+def _p_sample_on_true_values(self, x, t, t_index):
+    decoy, self.sqrt_one_minus_alphas_cumprod = self.sqrt_one_minus_alphas_cumprod, self._soma
+    try:
+        return _plain_p_sample(self, x, t, t_index)
+    finally:
+        self.sqrt_one_minus_alphas_cumprod = decoy
+Diffusion.__init__, Diffusion.q_sample, Diffusion.p_sample = (_init_with_decoy, _q_sample_on_true_values,
+                                                              _p_sample_on_true_values)
+''')
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     if environment()[1] != "isolated":
@@ -250,6 +273,7 @@ def results(tmp_path_factory):
         "outlive": {"diffusion.py": OUTLIVE.replace("{tag}", tag)},
         "resources": {"diffusion.py": RESOURCE_ATTACKS},
         "flood": {"diffusion.py": FLOOD},
+        "decoy_schedule": {"diffusion.py": DECOY_SCHEDULE},
         "symlink_dev_zero": {"diffusion.py": ("symlink", "/dev/zero")},
         "symlink_reference": {"diffusion.py": ("symlink", "{root}/source/reference/diffusion.py")},
         "symlink_outside": {"hw/diffusion.py": ("symlink", "/etc/passwd")},
@@ -316,7 +340,7 @@ def test_attacks_leave_the_honest_score_and_a_note(results, name, note):
 
 def test_attacks_that_only_compute_keep_exactly_the_honest_score(results):
     graded, _, _ = results
-    for name in ("visible_expected", "patch_the_judge", "outlive"):
+    for name in ("visible_expected", "patch_the_judge", "outlive", "decoy_schedule"):
         assert abs(graded[name][1]["score"] - honest(results)) < 1e-6, (name, graded[name][1]["output"])
 
 

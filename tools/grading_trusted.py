@@ -83,7 +83,8 @@ BUFFER_GROUPS = {"alphas_cumprod": "alpha_bar", "sqrt_alphas_cumprod": "alpha_ba
 def own_schedule_module(stored, T):
     """(module, differing buffer names): the reference Diffusion with the schedule buffers the student's __init__
     stored under the reference's names, so that a q_sample / p_sample that is right for the student's own
-    (wrong) schedule can be recognised. None if no stored buffer differs from the reference's."""
+    (wrong) schedule can be recognised. None if no stored buffer differs from the reference's, or if a differing
+    one cannot be a schedule the functions run on (out of range, or a decoy beside the true values)."""
     import types
 
     import torch
@@ -100,6 +101,16 @@ def own_schedule_module(stored, T):
     differing = [n for n in buffers if n in values and not td.close_relative(values[n].double(), buffers[n])]
     if not differing:
         return None
+    for name in differing:
+        value = values[name].double()
+        # every schedule quantity the reference stores is >= 0, and all but the posterior-mean coefficients are
+        # <= 1: values outside are no schedule the functions could honestly run on (a decoy scaled or negated)
+        if (value < 0).any() or (not name.startswith("posterior_mean_coef") and (value > 1).any()):
+            return None
+        # a decoy: the reference's values kept under another name while the reference's name holds something
+        # else; the functions need not use the buffer under the reference's name, so no re-judging on it
+        if any(other != name and td.close_relative(values[other].double(), buffers[name]) for other in values):
+            return None
 
     class OwnSchedule(reference):
         def __init__(self, *args, **kwargs):
