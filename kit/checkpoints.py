@@ -38,8 +38,9 @@ def megabytes(size):
 
 def check_space(path, needed):
     """Refuse at start-up when even one save cannot fit (a save writes a new file beside the old one)."""
-    if free_space(path) < needed:
-        raise ConfigError(f"only {megabytes(free_space(path))} are free in {os.path.dirname(os.path.abspath(path))}, "
+    free = free_space(path)
+    if free < needed:
+        raise ConfigError(f"only {megabytes(free)} are free in {os.path.dirname(os.path.abspath(path))}, "
                           f"and a checkpoint needs about {megabytes(needed)}: free some space or pass another "
                           "--save_folder.")
 

@@ -61,6 +61,12 @@ def run_main(*argv, env=None, timeout=HANG_GUARD_S):
     )
 
 
+def start_main(args, **popen):
+    """`python main.py` with these options, started in the background (to signal it or race it)."""
+    return subprocess.Popen([sys.executable, os.path.join(REPO, "main.py"), *as_flags(args)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
 def as_flags(args):
     flags = []
     for key, value in args.items():

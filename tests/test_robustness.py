@@ -10,17 +10,12 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, as_flags, tiny_args
+from conftest import REPO, as_flags, start_main, tiny_args
 
 import trainer as trainer_module
 import utils
 from diffusion import Diffusion
 from kit import files
-
-
-def start_main(args, **popen):
-    return subprocess.Popen([sys.executable, os.path.join(REPO, "main.py"), *as_flags(args)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
 def checkpoint_step(folder):

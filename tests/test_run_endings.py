@@ -5,22 +5,15 @@ import errno
 import math
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
-from conftest import REPO, as_flags, run_main, tiny_args
+from conftest import as_flags, run_main, start_main, tiny_args
 
 import trainer as trainer_module
 import utils
 from kit import checkpoints, device, files
-
-
-def start_main(args):
-    return subprocess.Popen([sys.executable, os.path.join(REPO, "main.py"), *as_flags(args)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def wait_for(path, process):
