@@ -10,6 +10,15 @@ from kit import logger
 import utils
 
 
+def offline_run_ids(folder):
+    """The wandb run id of each offline run folder under `folder`, read from its run-<id>.wandb log file
+    (the folder name alone can carry a "-1" suffix when two runs start in the same second)."""
+    runs = sorted(glob.glob(str(folder / "wandb" / "offline-run-*")))
+    logs = [glob.glob(run + "/run-*.wandb") for run in runs]
+    assert all(len(found) == 1 for found in logs), f"each offline run should hold one log file: {logs}"
+    return [found[0].rsplit("run-", 1)[-1].removesuffix(".wandb") for found in logs]
+
+
 @pytest.fixture
 def no_wandb_key(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
@@ -31,13 +40,9 @@ def test_auto_with_a_key_is_online(no_wandb_key, monkeypatch):
 
 def test_offline_run_writes_files_and_resume_continues_the_same_run(tmp_path, image_folder, no_wandb_key):
     utils.train_diffusion(**tiny_args(tmp_path, image_folder, train_steps=2, wandb="auto"))
-    runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
-    assert len(runs) == 1, runs
-    run_id = runs[0].rsplit("-", 1)[-1]
-    assert glob.glob(runs[0] + "/*.wandb"), "offline run holds no log file"
+    (run_id,) = offline_run_ids(tmp_path)
     utils.train_diffusion(**tiny_args(tmp_path, image_folder, train_steps=4, wandb="auto"))
-    runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
-    assert len(runs) == 2 and all(r.endswith("-" + run_id) for r in runs), runs
+    assert offline_run_ids(tmp_path) == [run_id, run_id]
 
 
 def test_disabled_writes_nothing(tmp_path, image_folder, no_wandb_key):
@@ -75,8 +80,7 @@ def test_wandb_failures_never_stop_training(tmp_path, image_folder, monkeypatch)
 
 def test_figures_of_a_checkpoint_go_to_its_wandb_run(tmp_path, image_folder, no_wandb_key):
     utils.train_diffusion(**tiny_args(tmp_path, image_folder, train_steps=2, wandb="offline"))
-    run_id = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))[0].rsplit("-", 1)[-1]
+    (run_id,) = offline_run_ids(tmp_path)
     utils.visualize_diffusion(**tiny_args(tmp_path, image_folder, wandb="offline",
                                           load_path=str(tmp_path / "checkpoint.pt")))
-    runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
-    assert len(runs) == 2 and all(r.endswith("-" + run_id) for r in runs), runs
+    assert offline_run_ids(tmp_path) == [run_id, run_id]
