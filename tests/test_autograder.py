@@ -37,6 +37,16 @@ CASES = {
         "        was_training = self.model.training\n", "        while True:\n            pass\n")},
         {"GRADER_PROBE_TIMEOUT": "10"}),
 }
+# imports of the course's packages and the handout's files, which the grader does not have: stand-ins, full score
+COURSE_IMPORTS = ("import wandb\nfrom tqdm import tqdm\nimport matplotlib.pyplot as plt\nfrom PIL import Image\n"
+                  "from torchvision.utils import save_image\nimport scipy.stats\nfrom unet import Unet\n"
+                  "from utils import *\n")
+CASES["course_imports"] = ({"diffusion.py": COURSE_IMPORTS + REFERENCE.replace(
+    "for t_index in reversed(range(self.num_timesteps)):",
+    "for t_index in tqdm(reversed(range(self.num_timesteps)), total=self.num_timesteps):\n"
+    "            wandb.log({'t': t_index})").replace(
+    "    @torch.no_grad()\n    def sample(", "    @torch.no_grad()\n    @wandb.watch_this\n    def sample(")}, {})
+CASES["unknown_module"] = ({"diffusion.py": "import einops_of_my_own\n" + REFERENCE}, {})
 for _function, _name in SINGLE_FUNCTION_BUGS.items():
     CASES[f"bug_in_{_function}"] = ({"diffusion.py": mutant(_name)}, {})
 CASES["bug_in_schedule_storage"] = ({"diffusion.py": mutant("schedule_not_buffers")}, {})  # plain, unmoved attributes
@@ -97,6 +107,39 @@ def test_reference_and_alternative_solutions_get_full_score(graded):
         assert "throwaway, unprivileged" in hidden(results["reference_in_subfolder"][1])
 
 
+def test_imports_of_the_course_packages_and_files_cost_nothing(graded):
+    _, results = graded
+    proc, result = results["course_imports"]
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert abs(result["score"] - 100) < 1e-3, [t["output"][:400] for t in visible(result) if t["score"] < t["max_score"]]
+    assert ("imports PIL, matplotlib, scipy, torchvision, unet, utils, wandb, which the grader does not have"
+            in result["output"]), result["output"]
+
+
+def test_stand_ins_cover_the_course_packages_and_the_handout_files(tmp_path):
+    """Every package requirements.txt installs is on the grader (setup.sh) or a stand-in, and so is every file of
+    the handout a diffusion.py could import."""
+    import importlib.metadata
+    import re
+    import zipfile
+
+    import grading_worker
+
+    with open(os.path.join(REPO, "requirements.txt")) as f:
+        wanted = [m.group(1) for line in f if (m := re.match(r"\s*([A-Za-z0-9_.-]+)", line))]
+    make_autograder.build(str(tmp_path / "ag.zip"))
+    with zipfile.ZipFile(tmp_path / "ag.zip") as z:
+        setup = z.read("setup.sh").decode()
+    on_grader = {name for name in wanted if f'"{name}' in setup}
+    assert {"torch", "numpy", "pytest", "tqdm"} <= on_grader
+    modules = importlib.metadata.packages_distributions()
+    for name in set(wanted) - on_grader:
+        provides = {m for m, dists in modules.items() if any(d.lower() == name.lower() for d in dists)}
+        assert provides & grading_worker.STAND_INS, (name, provides)
+    handout = {n[:-3] for n in os.listdir(REPO) if n.endswith(".py")} - {"diffusion", "test_diffusion", "conftest"}
+    assert handout | {"kit"} <= grading_worker.STAND_INS
+
+
 @pytest.mark.parametrize("function", list(SINGLE_FUNCTION_BUGS) + ["schedule_storage"])
 def test_a_single_function_bug_costs_only_that_function(graded, function):
     _, results = graded
@@ -126,6 +169,7 @@ def test_a_single_function_bug_costs_only_that_function(graded, function):
     ("syntax_error", "syntax error at line"),
     ("crash_at_import", "exit code 3"),
     ("error_at_import", "boom at import"),
+    ("unknown_module", "diffusion.py must not need any other module"),
 ])
 def test_broken_submissions_get_zero_with_a_clear_message(graded, name, message):
     _, results = graded

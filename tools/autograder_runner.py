@@ -61,6 +61,7 @@ MAX_SOURCE = 1 << 20
 MAX_PROTOCOL = 8 << 20  # a correct submission sends about 1.5 MB at the largest T
 MAX_LINE = 4 << 20
 MAX_LOG = 8 << 20
+IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,39}\Z")
 ADDRESS_SPACE = int(os.environ.get("GRADER_ADDRESS_SPACE_MB", "8192")) << 20  # virtual; the watchdog limits resident memory
 SUSPICIOUS = {  # shown to instructors only; mentions are not proof of anything
     "test_diffusion": r"test_diffusion", "pytest": r"\bpytest\b", "grader files": r"grading_|grader\.py|probe_worker|trusted_judge|manifest\.json",
@@ -406,8 +407,14 @@ def run_probes(python, work, uid, requests, *, time_limit, probe_timeout, memory
                         ready, last = True, time.time()
                     elif record.get("imported") is True and ready:
                         imported, last = True, time.time()
+                        names = record.get("stand_ins")
+                        if isinstance(names, list) and names:  # identifiers only: the worker is not trusted
+                            notes["stand-ins"] = [n for n in names if isinstance(n, str) and IDENTIFIER.match(n)][:12]
                     elif "import_error" in record and ready and not imported:
                         general = "Your diffusion.py could not be imported:\n" + str(record["import_error"])[-2500:]
+                        if "ModuleNotFoundError" in general:
+                            general += ("\nThe grader has torch, numpy and tqdm, and stand-ins for the course's other "
+                                        "packages and files: diffusion.py must not need any other module.")
                     elif isinstance(record.get("i"), int) and record["i"] in pending and "out" in record:
                         outputs[record["i"]] = record["out"]
                         pending.remove(record["i"])
@@ -521,7 +528,7 @@ def grade(root, python=sys.executable, time_limit=480.0, probe_timeout=60.0, mem
     if os.path.lexists(results_path):
         os.remove(results_path)
     submission_dir = os.path.join(root, "submission")
-    verdicts, general, hidden, notes = {}, "", [], {}
+    verdicts, general, notice, hidden, notes = {}, "", "", [], {}
     is_root = os.name == "posix" and os.geteuid() == 0
     if is_root:
         lock_down(root)
@@ -603,6 +610,12 @@ def grade(root, python=sys.executable, time_limit=480.0, probe_timeout=60.0, mem
                 with open(log_path, "rb") as f:
                     f.seek(max(0, os.path.getsize(log_path) - 3000))
                     hidden.append("student process output (tail):\n" + f.read().decode(errors="replace"))
+            stand_ins = notes.pop("stand-ins", None)
+            if stand_ins:
+                notice = (f"Note: your diffusion.py imports {', '.join(stand_ins)}, which the grader does not have "
+                          "(it has torch, numpy and tqdm). Each was replaced by a stand-in that does nothing; the "
+                          "graded functions must not need them.")
+                hidden.append(notice)
             if not general:
                 payload = {"params": plan["params"], "per_check": plan["per_check"], "reference": plan["reference"],
                            "student": {keys[i]: out for i, out in outputs.items()},
@@ -628,7 +641,7 @@ def grade(root, python=sys.executable, time_limit=480.0, probe_timeout=60.0, mem
                   "output": "\n".join(hidden) or "-", "visibility": "hidden"})
     summary = "\n".join(f"{function}: {sum(t['score'] for t in tests if t['name'].startswith(function + ':')):.2f} / {points}"
                         for function, points in manifest["points"].items())
-    result = {"score": round(total, 4), "output": (general + "\n\n" if general else "") + summary,
+    result = {"score": round(total, 4), "output": "".join(text + "\n\n" for text in (general, notice) if text) + summary,
               "visibility": "visible", "stdout_visibility": "hidden", "tests": tests}
     write_results(results_path, result)
     return result

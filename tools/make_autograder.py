@@ -4,7 +4,7 @@
     python tools/make_autograder.py --out /tmp/ag.zip
 
 Zip layout (Gradescope's format, everything at the top level; Gradescope unpacks it into /autograder/source):
-  setup.sh              installs CPU-only torch and pytest (versions pinned from requirements.txt)
+  setup.sh              installs CPU-only torch, pytest and tqdm (versions pinned from requirements.txt)
   run_autograder        runs grader.py, which writes /autograder/results/results.json
   grader.py             tools/autograder_runner.py (the orchestration, the sandbox; see its docstring)
   trusted_judge.py      tools/grading_trusted.py (draws the secret inputs, runs the reference, judges; root only)
@@ -38,13 +38,14 @@ exec "$PYTHON" grader.py --root "$ROOT" --python "$PYTHON"
 """
 
 SETUP_SH = """#!/usr/bin/env bash
-# Gradescope setup: CPU-only PyTorch and the test tools (no GPU on Gradescope; keeps memory well under 768 MB).
+# Gradescope setup: CPU-only PyTorch, the test tools, and tqdm (students wrap their sampling loop in it). No GPU on
+# Gradescope; keeps memory well under 768 MB. The course's other packages are stand-ins there (probe_worker.py).
 set -euo pipefail
 if ! command -v pip3 >/dev/null; then
     apt-get update && apt-get install -y python3 python3-pip
 fi
 pip3 install --no-cache-dir "torch=={torch}" --index-url https://download.pytorch.org/whl/cpu
-pip3 install --no-cache-dir "numpy{numpy}" "pytest{pytest}" "pytest-timeout{pytest_timeout}"
+pip3 install --no-cache-dir "numpy{numpy}" "pytest{pytest}" "pytest-timeout{pytest_timeout}" "tqdm{tqdm}"
 """
 
 
@@ -82,7 +83,8 @@ def build(out):
     manifest = collect_manifest()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     setup = SETUP_SH.format(torch=requirement("torch", "==2.14.1").lstrip("="), numpy=requirement("numpy", ""),
-                            pytest=requirement("pytest", ">=8.0"), pytest_timeout=requirement("pytest-timeout", ">=2.3"))
+                            pytest=requirement("pytest", ">=8.0"), pytest_timeout=requirement("pytest-timeout", ">=2.3"),
+                            tqdm=requirement("tqdm", ">=4.66"))
 
     def add_text(z, name, text, mode=0o644):
         info = zipfile.ZipInfo(name, date_time=(2024, 1, 1, 0, 0, 0))
