@@ -1,6 +1,7 @@
-"""A correct alternative solution (must pass test_diffusion.py): the schedule computed in float32 from scratch,
-torch.index_select instead of `extract`, the posterior mean written as a single expression with the clipped
-x_0, noise drawn only when t_index > 0, sample delegating to p_sample_loop.
+"""A correct alternative solution (must pass test_diffusion.py): the schedule computed in float32 from scratch
+(as the original handout's cosine_schedule did), torch.index_select instead of `extract`, the posterior mean
+written as a single expression with the clipped x_0, noise drawn only when t_index > 0, a loop over
+torch.arange (so t_index is a 0-d tensor), sample delegating to p_sample_loop.
 """
 import math
 
@@ -65,8 +66,8 @@ class Diffusion(nn.Module):
 
     @torch.no_grad()
     def p_sample_loop(self, img):
-        for i in range(self.num_timesteps)[::-1]:
-            img = self.p_sample(img, img.new_full((img.shape[0],), i, dtype=torch.long), i)
+        for i in torch.arange(self.num_timesteps - 1, -1, -1):
+            img = self.p_sample(img, torch.full((img.shape[0],), i, dtype=torch.long, device=img.device), i)
         return unnormalize_to_zero_to_one(torch.clamp(img, -1, 1))
 
     @torch.no_grad()
