@@ -148,7 +148,9 @@ class StandInLoss:
 
 
 class StandInStep:
-    """Stand-in p_sample: 0.9 tanh(a_k x + b_k) for the k-th call; records (t_index, t, x)."""
+    """Stand-in p_sample: 0.9 tanh(a_k x + b_k + s) for the k-th call, s = +1, -1, +1, ... over the pixels, so
+    every step's output (x_0 included) holds both signs inside (-0.9, 0.9), as real images in [-1, 1] do, and a
+    clamp to the wrong range always shows; records (t_index, t, x)."""
 
     def __init__(self, a, b):
         self.a, self.b, self.calls = a, b, []
@@ -157,7 +159,8 @@ class StandInStep:
         k = len(self.calls)
         self.calls.append((t_index, t, x))
         i = k % len(self.a)
-        return 0.9 * torch.tanh(float(self.a[i]) * x + float(self.b[i]))
+        signs = (1 - 2 * (torch.arange(x.numel(), device=x.device) % 2)).reshape(x.shape).to(x.dtype)
+        return 0.9 * torch.tanh(float(self.a[i]) * x + float(self.b[i]) + signs)
 
 
 class StandInLoop:

@@ -233,6 +233,14 @@ MUTANTS = [
     M("loop_normalize_instead", "p_sample_loop",
       [(LOOP_RETURN, "return normalize_to_neg_one_to_one(img.clamp(-1.0, 1.0))")],
       "normalize_to_neg_one_to_one was used where unnormalize_to_zero_to_one belongs."),
+    M("loop_clamp_0_1", "p_sample_loop", [(LOOP_RETURN, "return unnormalize_to_zero_to_one(img.clamp(0.0, 1.0))")],
+      "The images were clamped to [0, 1] before unnormalizing: x_0 is in [-1, 1], so clamp to [-1, 1], then map "
+      "to [0, 1] with unnormalize_to_zero_to_one."),
+    M("loop_unnormalize_every_step", "p_sample_loop",
+      [(STEP, "img = unnormalize_to_zero_to_one(self.p_sample(img, t, t_index).clamp(-1.0, 1.0))"),
+       (LOOP_RETURN, "return img")],
+      "The images were clamped and unnormalized inside the loop: every step works in [-1, 1]; clamp and map to "
+      "[0, 1] once, after the last step."),
     M("loop_t_of_batch_1", "p_sample_loop",
       [("t = torch.full((b,), t_index,", "t = torch.full((1,), t_index,")],
       "t must hold one entry per image, shape (batch,)."),
