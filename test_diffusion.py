@@ -124,6 +124,15 @@ class NoiseFeed:
         return draw.to(device) if device is not None else draw
 
 
+class GlobalNoise:
+    """Replaces Diffusion.noise_like with draws from torch's global generator: what a p_sample or sample that calls
+    torch.randn / randn_like instead of noise_like draws after the same torch.manual_seed. Lets the value checks
+    judge such code's math (the noise_like checks still fail it)."""
+
+    def __call__(self, shape, device=None, *args, **kwargs):
+        return torch.randn(tuple(int(s) for s in shape), device=device)
+
+
 class StandInQ:
     """Stand-in q_sample: a[t] x_0 + b[t] noise with arbitrary per-step coefficients; records its calls."""
 
@@ -332,16 +341,21 @@ def probe_schedule(mod, T, x, eps):
     out["sigma"] = err or record(torch.cat(sigma) if sigma else torch.zeros(0))
     # no noise (z = 0): the step returns the posterior mean; two x_t values per step
     dm, err = attempt("Diffusion(...)", new, mod, T, ConstEps(eps), 1, 1)
-    xs, mean = torch.tensor(x, dtype=torch.float32).view(2, 1, 1, 1), []
-    for i in range(T):
-        if err:
-            break
-        dm.noise_like = NoiseFeed(value=0.0)
-        m, err = attempt(f"p_sample(x, t={i}, t_index={i}) with eps={eps:.3g} and noise 0", dm.p_sample, xs,
-                         torch.full((2,), i, dtype=torch.long), i)
-        if err is None:
-            mean.append(torch.as_tensor(m).reshape(-1)[:2])
-    out["mean"] = err or record(torch.stack(mean) if mean else torch.zeros(0))
+    xs = torch.tensor(x, dtype=torch.float32).view(2, 1, 1, 1)
+    feeds = [NoiseFeed(value=0.0), GlobalNoise()]  # the second: noise as torch.randn draws it after the same seed
+    for key, feed in zip(("mean", "mean_global_noise"), feeds):
+        mean = []
+        for i in range(T):
+            if err:
+                break
+            dm.noise_like = feed
+            torch.default_generator.manual_seed(i)  # torch.manual_seed also seeds every accelerator: 100x slower
+            m, err = attempt(f"p_sample(x, t={i}, t_index={i}) with eps={eps:.3g} and noise 0", dm.p_sample, xs,
+                             torch.full((2,), i, dtype=torch.long), i)
+            if err is None:
+                mean.append(torch.as_tensor(m).reshape(-1)[:2])
+        out[key] = err or record(torch.stack(mean) if mean else torch.zeros(0))
+    out["mean_noise_like_calls"] = len(feeds[0].calls)
     return out
 
 
@@ -448,8 +462,15 @@ def probe_p_sample(mod, T, seed, t_index):
     if err:
         return {"init": err}
     d.noise_like = feed = NoiseFeed(seed + 1)
-    out, err = attempt(f"p_sample(x_t, t, t_index={t_index})", d.p_sample, x, torch.full((3,), t_index, dtype=torch.long), t_index)
-    return {"out": err or record(out), "model": model_call(model), "noise_like": feed.calls[:4]}
+    t = torch.full((3,), t_index, dtype=torch.long)
+    torch.manual_seed(seed + 2)
+    out, err = attempt(f"p_sample(x_t, t, t_index={t_index})", d.p_sample, x, t, t_index)
+    result = {"out": err or record(out), "model": model_call(model), "noise_like": feed.calls[:4]}
+    d.noise_like = GlobalNoise()  # the same step, its noise drawn as torch.randn would after the same seed
+    torch.manual_seed(seed + 2)
+    out, err = attempt(f"p_sample(x_t, t, t_index={t_index})", d.p_sample, x, t, t_index)
+    result["out_global_noise"] = err or record(out)
+    return result
 
 
 def probe_p_sample_noise(mod, T, seed, t_index):
@@ -509,7 +530,7 @@ def probe_p_sample_loop(mod, T, seed):
 def probe_sample(mod, T, seed, batch):
     a, b = uniform((T,), seed + 1, 0.5, 1.5), uniform((T,), seed + 2, -0.5, 0.5)
     result = {}
-    for route in ("stand_in_loop", "stand_in_step", "own"):
+    for route in ("stand_in_loop", "stand_in_step", "own", "stand_in_loop_global_noise"):
         model = TinyEps()
         if route == "own":
             d, err = attempt("Diffusion(...)", new, mod, T, model)
@@ -520,10 +541,13 @@ def probe_sample(mod, T, seed, batch):
             d = instance(mod, T, model)
         d.noise_like = feed = NoiseFeed(seed)
         loop = None
-        if route == "stand_in_loop":
+        if route.startswith("stand_in_loop"):
             d.p_sample_loop = loop = StandInLoop(model)
         elif route == "stand_in_step":
             d.p_sample = StandInStep(a, b)
+        if route == "stand_in_loop_global_noise":  # x_T as torch.randn draws it after the same seed
+            d.noise_like = GlobalNoise()
+        torch.manual_seed(seed + 7)
         out, err = attempt(f"sample({batch})", d.sample, batch)
         rec = err or {"out": record(out), "noise_like": feed.calls[:4]}
         if not err and loop is not None:
@@ -679,6 +703,10 @@ def req(probe, **args):
 
 def _labels(T, start=0):
     return [f"t={i}" for i in range(start, T)]
+
+
+NOISE_ELSEWHERE = ("p_sample's math is right, but its noise did not come from self.noise_like (see the check "
+                   "p_sample_noise_comes_from_noise_like).")
 
 
 def schedule_rtol(T):
@@ -1127,9 +1155,12 @@ for _size in SIZES:
     for _which in ("last", "mid", "one", "zero"):
         def _judge(got, ref, p, _size=_size, _which=_which):
             T, i = p["T"][_size], ps_index(p, _size, _which)
-            return (lambda m: (m is None, m or ""))(compare(
-                f"p_sample(x_t, t, t_index={i}) (T={T}, Algorithm 2, eq. 18-19)", got[0].get("out") if not error_of(got[0].get("init")) else got[0].get("init"),
-                ref[0].get("out"), rtol=float(schedule_rtol(T)[i])))
+            what, rtol = f"p_sample(x_t, t, t_index={i}) (T={T}, Algorithm 2, eq. 18-19)", float(schedule_rtol(T)[i])
+            out = got[0].get("out") if not error_of(got[0].get("init")) else got[0].get("init")
+            problem = compare(what, out, ref[0].get("out"), rtol=rtol)
+            if problem and not got[0].get("noise_like") and compare(what, out, ref[0].get("out_global_noise"), rtol=rtol) is None:
+                return True, NOISE_ELSEWHERE
+            return problem is None, problem or ""
 
         check(f"p_sample_matches_reference-{_size}_T-t_index_{_which}", "p_sample",
               functools.partial(lambda p, s, w: [ps_req(p, s, w)], s=_size, w=_which),
@@ -1139,10 +1170,13 @@ for _size in SIZES:
         T = p["T"][_size]
         rec = got[0]
         problem = first_error(rec) if "stored" not in rec else None
-        problem = problem or compare(f"the posterior mean, read as p_sample(x, t, t_index) with a constant eps and "
-                                     f"noise_like -> 0, for every t_index in 0..{T - 1} (T={T}, eq. 18-19)",
-                                     rec.get("mean"), ref[0].get("mean"), rtol=schedule_rtol(T).view(-1, 1),
-                                     atol=1e-6, labels=_labels(T))
+        what = (f"the posterior mean, read as p_sample(x, t, t_index) with a constant eps and noise_like -> 0, for "
+                f"every t_index in 0..{T - 1} (T={T}, eq. 18-19)")
+        rtol = schedule_rtol(T).view(-1, 1)
+        problem = problem or compare(what, rec.get("mean"), ref[0].get("mean"), rtol=rtol, atol=1e-6, labels=_labels(T))
+        if problem and rec.get("mean_noise_like_calls") == 0 and compare(
+                what, rec.get("mean"), ref[0].get("mean_global_noise"), rtol=rtol, atol=1e-6) is None:
+            return True, NOISE_ELSEWHERE
         return problem is None, problem or ""
 
     check(f"p_sample_mean_at_every_step-{_size}_T", "p_sample",
@@ -1352,11 +1386,15 @@ def judge_sample_matches(got, ref, p, size):
     problems = []
     for route in ROUTES:
         g = got[0].get(route)
-        problem = compare(f"sample(3) (T={T}, Algorithm 2)", g.get("out") if isinstance(g, dict) and not error_of(g) else g,
-                          (ref[0].get(route) or {}).get("out"), atol=5e-4)
+        out = g.get("out") if isinstance(g, dict) and not error_of(g) else g
+        problem = compare(f"sample(3) (T={T}, Algorithm 2)", out, (ref[0].get(route) or {}).get("out"), atol=5e-4)
         if problem is None:
             return True, ""
         problems.append(problem)
+        if route == "stand_in_loop" and isinstance(g, dict) and not g.get("noise_like") and compare(
+                "sample(3)", out, (ref[0].get("stand_in_loop_global_noise") or {}).get("out"), atol=5e-4) is None:
+            return True, ("sample is right, but its x_T did not come from self.noise_like (see the check "
+                          "sample_draws_start_with_noise_like).")
     return False, problems[0]
 
 

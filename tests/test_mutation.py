@@ -78,3 +78,61 @@ def test_a_float32_schedule_passes_the_p_sample_checks_at_secret_draws():
             if not passed:
                 failed.append((params["T"]["large"], params["seed"], chk.name, message[:300]))
     assert not failed, failed
+
+
+def _module(name, source):
+    import types
+
+    module = types.ModuleType(name)
+    exec(compile(source, f"{name}.py", "exec"), module.__dict__)
+    return module
+
+
+# Noise from torch's generator instead of self.noise_like, written the ways real submissions write it.
+RANDN_VARIANTS = {
+    "p_sample": [
+        [("return mean + sigma * self.noise_like(x.shape, x.device)", "return mean + sigma * torch.randn(x.shape, device=x.device)")],
+        [("return mean + sigma * self.noise_like(x.shape, x.device)", "return mean + sigma * torch.randn_like(x)")],
+        [("        if t_index == 0:\n            return mean  #",
+          "        z = torch.randn_like(x)  # drawn at every step, also the last\n"
+          "        if t_index == 0:\n            return mean + 0 * z  #"),
+         ("return mean + sigma * self.noise_like(x.shape, x.device)", "return mean + sigma * z")],
+    ],
+    "sample": [
+        [("img = self.noise_like(shape, device)", "img = torch.randn(shape, device=device)")],
+        [("img = self.noise_like(shape, device)", "img = torch.randn(*shape).to(device)")],
+    ],
+}
+
+
+_REFERENCE_OUTPUTS = {}  # request key -> the reference's probe output, shared by the variants
+
+
+@pytest.mark.parametrize("function,k", [(f, k) for f, edits in RANDN_VARIANTS.items() for k in range(len(edits))])
+def test_noise_from_torch_randn_costs_only_the_noise_like_check(function, k):
+    """Right math with the noise from torch.randn loses the one check that says where the noise must come from,
+    not the value checks (they are judged on what torch.randn gives after the grader's seed)."""
+    import random
+
+    sys.path.insert(0, REPO)
+    import diffusion as reference
+    import test_diffusion as td
+
+    source = mutation_test.reference_source()
+    for old, new in RANDN_VARIANTS[function][k]:
+        assert source.count(old) == 1, old
+        source = source.replace(old, new)
+    variant = _module(f"randn_{function}_{k}", source)
+    expected_failure = {"p_sample": "p_sample_noise_comes_from_noise_like",
+                        "sample": "sample_draws_start_with_noise_like"}[function]
+    for params in (td.LOCAL_PARAMS, td.draw_params(random.Random(7))):
+        failed = []
+        for chk in td.CHECKS:
+            if chk.function not in ("p_sample", "p_sample_loop", "sample"):
+                continue
+            requests = chk.requests(params)
+            expected = [_REFERENCE_OUTPUTS.setdefault(td.request_key(r), td.run_request(reference, r)) for r in requests]
+            passed, message = chk.judge([td.run_request(variant, r) for r in requests], expected, params)
+            if not passed:
+                failed.append(chk.name)
+        assert failed == [expected_failure], (params["T"], failed)
