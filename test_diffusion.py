@@ -707,6 +707,9 @@ def _labels(T, start=0):
 
 NOISE_ELSEWHERE = ("p_sample's math is right, but its noise did not come from self.noise_like (see the check "
                    "p_sample_noise_comes_from_noise_like).")
+# GLOBAL_NOISE_ATOL: where the noise comes from torch's generator it is not 0 at the mean check, and a float32
+# schedule's rounding in sigma_t then shows in absolute terms (sigma_t z, where mean + sigma_t z is near 0), so
+# those comparisons allow schedule_rtol in absolute terms too (measured: 9e-5 at T = 800, t_index 4).
 
 
 def schedule_rtol(T):
@@ -1158,7 +1161,8 @@ for _size in SIZES:
             what, rtol = f"p_sample(x_t, t, t_index={i}) (T={T}, Algorithm 2, eq. 18-19)", float(schedule_rtol(T)[i])
             out = got[0].get("out") if not error_of(got[0].get("init")) else got[0].get("init")
             problem = compare(what, out, ref[0].get("out"), rtol=rtol)
-            if problem and not got[0].get("noise_like") and compare(what, out, ref[0].get("out_global_noise"), rtol=rtol) is None:
+            if problem and not got[0].get("noise_like") and compare(what, out, ref[0].get("out_global_noise"), rtol=rtol,
+                                                                    atol=rtol) is None:  # see GLOBAL_NOISE_ATOL
                 return True, NOISE_ELSEWHERE
             return problem is None, problem or ""
 
@@ -1175,7 +1179,7 @@ for _size in SIZES:
         rtol = schedule_rtol(T).view(-1, 1)
         problem = problem or compare(what, rec.get("mean"), ref[0].get("mean"), rtol=rtol, atol=1e-6, labels=_labels(T))
         if problem and rec.get("mean_noise_like_calls") == 0 and compare(
-                what, rec.get("mean"), ref[0].get("mean_global_noise"), rtol=rtol, atol=1e-6) is None:
+                what, rec.get("mean"), ref[0].get("mean_global_noise"), rtol=rtol, atol=rtol) is None:  # see GLOBAL_NOISE_ATOL
             return True, NOISE_ELSEWHERE
         return problem is None, problem or ""
 

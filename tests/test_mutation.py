@@ -98,6 +98,9 @@ RANDN_VARIANTS = {
           "        if t_index == 0:\n            return mean + 0 * z  #"),
          ("return mean + sigma * self.noise_like(x.shape, x.device)", "return mean + sigma * z")],
     ],
+    "p_sample_float32_schedule": [  # the noise term then carries the float32 rounding of sigma_t
+        [("* self.noise_like(x.shape, device=x.device)", "* torch.randn_like(x)")],
+    ],
     "sample": [
         [("img = self.noise_like(shape, device)", "img = torch.randn(shape, device=device)")],
         [("img = self.noise_like(shape, device)", "img = torch.randn(*shape).to(device)")],
@@ -119,13 +122,18 @@ def test_noise_from_torch_randn_costs_only_the_noise_like_check(function, k):
     import test_diffusion as td
 
     source = mutation_test.reference_source()
+    if function == "p_sample_float32_schedule":
+        with open(os.path.join(REPO, "tools", "alt_solutions", "float32_algorithm2.py")) as f:
+            source = f.read()
     for old, new in RANDN_VARIANTS[function][k]:
         assert source.count(old) == 1, old
         source = source.replace(old, new)
     variant = _module(f"randn_{function}_{k}", source)
+    function = function.replace("_float32_schedule", "")
     expected_failure = {"p_sample": "p_sample_noise_comes_from_noise_like",
                         "sample": "sample_draws_start_with_noise_like"}[function]
-    for params in (td.LOCAL_PARAMS, td.draw_params(random.Random(7))):
+    for params in (td.LOCAL_PARAMS, td.draw_params(random.Random(7)),
+                   {"T": {"small": 50, "large": 800}, "mid": {"small": 25, "large": 2}, "seed": 5}):
         failed = []
         for chk in td.CHECKS:
             if chk.function not in ("p_sample", "p_sample_loop", "sample"):
