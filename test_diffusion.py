@@ -1330,10 +1330,13 @@ def judge_loop_range(got, ref, p):
     if close(out, expected, rtol=0, atol=1e-6):
         return True, ""
     x_0 = expected * 2 - 1  # the last step's output (in [-1, 1] here)
-    v, o = x_0.reshape(-1)[0].item(), out.reshape(-1)[0].item()
+    worst = int(torch.nan_to_num((out - expected).abs(), nan=math.inf).reshape(-1).argmax())
+    v, o = x_0.reshape(-1)[worst].item(), out.reshape(-1)[worst].item()
     message = (f"The last step returned x_0 = {v:.4f} (in [-1, 1]); p_sample_loop should map it to [0, 1], "
                f"i.e. (x_0 + 1) / 2 = {(v + 1) / 2:.4f}, but returned {o:.4f}.")
-    if close(out, x_0, rtol=0, atol=1e-6):
+    if close(out, (x_0.clamp(0, 1) + 1) / 2, rtol=0, atol=1e-6):
+        message += " Looks like x_0 was clamped to [0, 1] before unnormalizing: clamp to [-1, 1]."
+    elif close(out, x_0, rtol=0, atol=1e-6):
         message += " Looks like unnormalize_to_zero_to_one is missing."
     elif close(out, 2 * x_0 - 1, rtol=0, atol=1e-6):
         message += " Looks like normalize_to_neg_one_to_one was used where unnormalize_to_zero_to_one belongs."
