@@ -144,3 +144,27 @@ def test_noise_from_torch_randn_costs_only_the_noise_like_check(function, k):
             if not passed:
                 failed.append(chk.name)
         assert failed == [expected_failure], (params["T"], failed)
+
+
+def test_noise_from_torch_randn_excuses_no_math_error():
+    """The torch.randn route allows only the float32 rounding of the noise term: a posterior mean 3e-4 off fails
+    the same value checks with torch.randn as with noise_like (the route must not raise anyone's score)."""
+    sys.path.insert(0, REPO)
+    import diffusion as reference
+    import test_diffusion as td
+
+    source = mutation_test.reference_source()
+    off = "        mean = mean + 3e-4\n        if t_index == 0:\n            return mean  #"
+    assert source.count("        if t_index == 0:\n            return mean  #") == 1
+    source = source.replace("        if t_index == 0:\n            return mean  #", off)
+    failing = {}
+    for label, edit in (("noise_like", None), ("randn", ("self.noise_like(x.shape, x.device)", "torch.randn_like(x)"))):
+        variant = _module(f"off_{label}", source.replace(*edit) if edit else source)
+        failing[label] = set()
+        for chk in td.CHECKS:
+            if chk.name.startswith(("p_sample_matches_reference", "p_sample_mean_at_every_step")):
+                requests = chk.requests(td.LOCAL_PARAMS)
+                expected = [_REFERENCE_OUTPUTS.setdefault(td.request_key(r), td.run_request(reference, r)) for r in requests]
+                if not chk.judge([td.run_request(variant, r) for r in requests], expected, td.LOCAL_PARAMS)[0]:
+                    failing[label].add(chk.name)
+    assert failing["randn"] == failing["noise_like"] and len(failing["noise_like"]) >= 4, failing
