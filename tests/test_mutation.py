@@ -115,8 +115,6 @@ _REFERENCE_OUTPUTS = {}  # request key -> the reference's probe output, shared b
 def test_noise_from_torch_randn_costs_only_the_noise_like_check(function, k):
     """Right math with the noise from torch.randn loses the one check that says where the noise must come from,
     not the value checks (they are judged on what torch.randn gives after the grader's seed)."""
-    import random
-
     sys.path.insert(0, REPO)
     import diffusion as reference
     import test_diffusion as td
@@ -132,11 +130,10 @@ def test_noise_from_torch_randn_costs_only_the_noise_like_check(function, k):
     function = function.replace("_float32_schedule", "")
     expected_failure = {"p_sample": "p_sample_noise_comes_from_noise_like",
                         "sample": "sample_draws_start_with_noise_like"}[function]
-    for params in (td.LOCAL_PARAMS, td.draw_params(random.Random(7)),
-                   {"T": {"small": 50, "large": 800}, "mid": {"small": 25, "large": 2}, "seed": 5}):
+    for params in (td.LOCAL_PARAMS, {"T": {"small": 70, "large": 800}, "mid": {"small": 3, "large": 2}, "seed": 5}):
         failed = []
         for chk in td.CHECKS:
-            if chk.function not in ("p_sample", "p_sample_loop", "sample"):
+            if chk.function != function:  # p_sample_loop's checks run p_sample as a stand-in or its own chain
                 continue
             requests = chk.requests(params)
             expected = [_REFERENCE_OUTPUTS.setdefault(td.request_key(r), td.run_request(reference, r)) for r in requests]
