@@ -496,13 +496,12 @@ def probe_p_sample_noise(mod, T, seed, t_index):
 
 def as_index(value):
     """A step index as an int: a Python int, or what stands for one (a 0-d integer tensor, a numpy integer: a loop
-    over torch.arange passes those, and p_sample works the same with them); None for anything else."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
+    over torch.arange passes those, and p_sample works the same with them); None for anything else. Exact types
+    only: a subclass could report one index here and behave as another in the submission's own p_sample."""
+    integer_tensor = type(value) is torch.Tensor and value.dim() == 0 and not value.dtype.is_floating_point and (
+        value.dtype not in (torch.bool, torch.complex64, torch.complex128))
+    numpy_integer = type(value).__module__ == "numpy" and type(value).__name__.startswith(("int", "uint"))
+    return operator.index(value) if type(value) is int or integer_tensor or numpy_integer else None
 
 
 def loop_inputs(T, seed):
@@ -713,16 +712,18 @@ NOISE_ELSEWHERE = ("p_sample's math is right, but its noise did not come from se
                    "p_sample_noise_comes_from_noise_like).")
 
 
-def randn_route_allowance(with_noise, without_noise, rtol, rounding):
-    """What the torch.randn route allows per value, around the reference's output with that noise: rtol of its
-    mean (its output without noise), as the noise_like route allows, plus 4 float32 roundings (float32_rounding)
-    of its noise term sigma_t z, where a float32 schedule's sigma_t shows even when mean + sigma_t z is near 0
-    (measured: 9e-5 at T = 800, t_index 4). Not rtol of the noise term: that would excuse small errors of the
-    mean that noise_like's route fails."""
+def randn_route_allowance(with_noise, without_noise, rtol, rounding, relative_to_mean=False):
+    """What a p_sample value check allows per value around a reference output with noise (`with_noise`; the
+    same step without noise: `without_noise`): rtol of that output (of the mean alone where the noise_like route's
+    noise is 0: relative_to_mean), plus the float32 rounding (float32_rounding) of the noise term sigma_t z,
+    where a float32 schedule's sigma_t shows even when mean + sigma_t z is near 0 (measured: 9e-5 at T = 800,
+    t_index 4). The noise_like and torch.randn routes get the same formula, so neither is looser: rtol of the
+    mean, or 4 roundings, on the torch.randn route alone excused small errors of the mean (a red team's mean
+    8e-4 off scored 98.5 with torch.randn against 93.8 with noise_like)."""
     a, b = tensor_of(with_noise), tensor_of(without_noise)
     if a is None or b is None or a.shape != b.shape:
         return None
-    return rtol * b.abs() + 4 * rounding * (a - b).abs()
+    return rtol * (b if relative_to_mean else a).abs() + rounding * (a - b).abs()
 
 
 def schedule_rtol(T):
@@ -1185,9 +1186,12 @@ for _size in SIZES:
             T, i = p["T"][_size], ps_index(p, _size, _which)
             what, rtol = f"p_sample(x_t, t, t_index={i}) (T={T}, Algorithm 2, eq. 18-19)", float(schedule_rtol(T)[i])
             out = got[0].get("out") if not error_of(got[0].get("init")) else got[0].get("init")
-            problem = compare(what, out, ref[0].get("out"), rtol=rtol)
-            allowance = randn_route_allowance(ref[0].get("out_global_noise"), ref[0].get("out_zero_noise"), rtol,
-                                              float(float32_rounding(T)[i]))
+            rounding = float(float32_rounding(T)[i])
+            # the same allowance on both routes: rtol of the expected output, plus the float32 rounding of its noise term
+            same = randn_route_allowance(ref[0].get("out"), ref[0].get("out_zero_noise"), rtol, rounding)
+            problem = compare(what, out, ref[0].get("out"), rtol=0 if same is not None else rtol,
+                              slack=same if same is not None else 0.0)
+            allowance = randn_route_allowance(ref[0].get("out_global_noise"), ref[0].get("out_zero_noise"), rtol, rounding)
             if problem and not got[0].get("noise_like") and allowance is not None and compare(
                     what, out, ref[0].get("out_global_noise"), rtol=0, slack=allowance) is None:
                 return True, NOISE_ELSEWHERE
@@ -1206,7 +1210,7 @@ for _size in SIZES:
         rtol = schedule_rtol(T).view(-1, 1)
         problem = problem or compare(what, rec.get("mean"), ref[0].get("mean"), rtol=rtol, atol=1e-6, labels=_labels(T))
         allowance = randn_route_allowance(ref[0].get("mean_global_noise"), ref[0].get("mean"), rtol,
-                                          float32_rounding(T).view(-1, 1))
+                                          float32_rounding(T).view(-1, 1), relative_to_mean=True)
         if problem and rec.get("mean_noise_like_calls") == 0 and allowance is not None and compare(
                 what, rec.get("mean"), ref[0].get("mean_global_noise"), rtol=0, atol=1e-6, slack=allowance) is None:
             return True, NOISE_ELSEWHERE

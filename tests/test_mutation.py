@@ -143,28 +143,34 @@ def test_noise_from_torch_randn_costs_only_the_noise_like_check(function, k):
         assert failed == [expected_failure], (params["T"], failed)
 
 
-def test_noise_from_torch_randn_excuses_no_math_error():
-    """The torch.randn route allows only the float32 rounding of the noise term: a posterior mean 3e-4 off fails
-    the same value checks with torch.randn as with noise_like (the route must not raise anyone's score)."""
+@pytest.mark.parametrize("error", ["mean = mean + 3e-4", "mean = mean * (1 + 8e-4)"])
+def test_noise_from_torch_randn_excuses_no_math_error(error):
+    """A small error of the posterior mean scores no more with its noise from torch.randn than with noise_like:
+    the torch.randn route allows what the noise_like route allows (a red team's mean 8e-4 off once scored 98.5
+    with torch.randn against 93.8)."""
+    import random
+
     sys.path.insert(0, REPO)
     import diffusion as reference
     import test_diffusion as td
 
     source = mutation_test.reference_source()
-    off = "        mean = mean + 3e-4\n        if t_index == 0:\n            return mean  #"
-    assert source.count("        if t_index == 0:\n            return mean  #") == 1
-    source = source.replace("        if t_index == 0:\n            return mean  #", off)
-    failing = {}
-    for label, edit in (("noise_like", None), ("randn", ("self.noise_like(x.shape, x.device)", "torch.randn_like(x)"))):
-        variant = _module(f"off_{label}", source.replace(*edit) if edit else source)
-        failing[label] = set()
-        for chk in td.CHECKS:
-            if chk.name.startswith(("p_sample_matches_reference", "p_sample_mean_at_every_step")):
-                requests = chk.requests(td.LOCAL_PARAMS)
-                expected = [_REFERENCE_OUTPUTS.setdefault(td.request_key(r), td.run_request(reference, r)) for r in requests]
-                if not chk.judge([td.run_request(variant, r) for r in requests], expected, td.LOCAL_PARAMS)[0]:
-                    failing[label].add(chk.name)
-    assert failing["randn"] == failing["noise_like"] and len(failing["noise_like"]) >= 4, failing
+    last_step = "        if t_index == 0:\n            return mean  #"
+    assert source.count(last_step) == 1
+    source = source.replace(last_step, f"        {error}\n{last_step}")
+    for params in (td.LOCAL_PARAMS, td.draw_params(random.Random(1))):
+        failing = {}
+        for label, edit in (("noise_like", None), ("randn", ("self.noise_like(x.shape, x.device)", "torch.randn_like(x)"))):
+            variant = _module(f"off_{label}", source.replace(*edit) if edit else source)
+            failing[label] = set()
+            for chk in td.CHECKS:
+                if chk.function == "p_sample":
+                    requests = chk.requests(params)
+                    expected = [_REFERENCE_OUTPUTS.setdefault(td.request_key(r), td.run_request(reference, r))
+                                for r in requests]
+                    if not chk.judge([td.run_request(variant, r) for r in requests], expected, params)[0]:
+                        failing[label].add(chk.name)
+        assert len(failing["noise_like"]) >= 3 and len(failing["randn"]) >= len(failing["noise_like"]), failing
 
 
 def test_the_float32_allowance_is_finite_and_small_at_every_step():
