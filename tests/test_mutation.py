@@ -47,45 +47,59 @@ def test_every_mutant_is_killed_and_correct_implementations_pass():
     assert f"mutation score: {n}/{n} mutants killed" in proc.stdout
 
 
-# Secret draws (T large, seed) at which a float32 schedule, as correct as a float64 one, came out more than 1e-3
-# from the reference at t_index 1 (4 of 150 random draws): the p_sample checks must pass there, as at any draw.
-FLOAT32_HARD_DRAWS = [(1082, 208262283477808), (1088, 33501588962945), (1069, 9211151464943), (988, 50816704242858)]
-
-
-def test_a_float32_schedule_passes_the_p_sample_checks_at_secret_draws():
-    import importlib.util
-    import random
-
-    sys.path.insert(0, REPO)
-    import diffusion as reference
-    import test_diffusion as td
-
-    spec = importlib.util.spec_from_file_location(
-        "float32_algorithm2", os.path.join(REPO, "tools", "alt_solutions", "float32_algorithm2.py"))
-    float32 = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(float32)
-    draws = [{"T": {"small": 50, "large": T}, "mid": {"small": 25, "large": 2}, "seed": seed}
-             for T, seed in FLOAT32_HARD_DRAWS] + [td.draw_params(random.Random(k)) for k in range(6)]
-    checks = [c for c in td.CHECKS if c.function == "p_sample" and c.name.startswith(
-        ("p_sample_matches_reference-large_T", "p_sample_mean_at_every_step-large_T"))]
-    assert len(checks) == 5
-    failed = []
-    for params in draws:
-        for chk in checks:
-            requests = chk.requests(params)
-            expected = [td.run_request(reference, r) for r in requests]
-            passed, message = chk.judge([td.run_request(float32, r) for r in requests], expected, params)
-            if not passed:
-                failed.append((params["T"]["large"], params["seed"], chk.name, message[:300]))
-    assert not failed, failed
-
-
 def _module(name, source):
     import types
 
     module = types.ModuleType(name)
     exec(compile(source, f"{name}.py", "exec"), module.__dict__)
     return module
+
+
+def _alternative_source(name):
+    with open(os.path.join(REPO, "tools", "alt_solutions", name + ".py")) as f:
+        return f.read()
+
+
+_REFERENCE_OUTPUTS = {}  # request key -> the reference's probe output, shared by the tests below
+
+
+def _failing_checks(module, params, keep):
+    """{check name: message} of the graded checks `keep(check)` selects that `module` fails at `params`, judged
+    in-process against the reference (tests/conftest.py puts the repository on sys.path)."""
+    import diffusion as reference
+    import test_diffusion as td
+
+    failing = {}
+    for chk in td.CHECKS:
+        if keep(chk):
+            requests = chk.requests(params)
+            expected = [_REFERENCE_OUTPUTS.setdefault(td.request_key(r), td.run_request(reference, r)) for r in requests]
+            passed, message = chk.judge([td.run_request(module, r) for r in requests], expected, params)
+            if not passed:
+                failing[chk.name] = message
+    return failing
+
+
+# Secret draws (T large, seed) at which a float32 schedule, as correct as a float64 one, came out more than 1e-3
+# from the reference at t_index 1 (4 of 150 random draws): the p_sample checks must pass there, as at any draw.
+FLOAT32_HARD_DRAWS = [(1082, 208262283477808), (1088, 33501588962945), (1069, 9211151464943), (988, 50816704242858)]
+
+
+def test_a_float32_schedule_passes_the_p_sample_checks_at_secret_draws():
+    import random
+
+    import test_diffusion as td
+
+    float32 = _module("float32_algorithm2", _alternative_source("float32_algorithm2"))
+    draws = [{"T": {"small": 50, "large": T}, "mid": {"small": 25, "large": 2}, "seed": seed}
+             for T, seed in FLOAT32_HARD_DRAWS] + [td.draw_params(random.Random(k)) for k in range(6)]
+    names = ("p_sample_matches_reference-large_T", "p_sample_mean_at_every_step-large_T")
+    assert sum(c.name.startswith(names) for c in td.CHECKS) == 5
+    failed = []
+    for params in draws:
+        failing = _failing_checks(float32, params, lambda c: c.name.startswith(names))
+        failed += [(params["T"]["large"], params["seed"], name, message[:300]) for name, message in failing.items()]
+    assert not failed, failed
 
 
 # Noise from torch's generator instead of self.noise_like, written the ways real submissions write it.
@@ -108,21 +122,14 @@ RANDN_VARIANTS = {
 }
 
 
-_REFERENCE_OUTPUTS = {}  # request key -> the reference's probe output, shared by the variants
-
-
 @pytest.mark.parametrize("function,k", [(f, k) for f, edits in RANDN_VARIANTS.items() for k in range(len(edits))])
 def test_noise_from_torch_randn_costs_only_the_noise_like_check(function, k):
     """Right math with the noise from torch.randn loses the one check that says where the noise must come from,
     not the value checks (they are judged on what torch.randn gives after the grader's seed)."""
-    sys.path.insert(0, REPO)
-    import diffusion as reference
     import test_diffusion as td
 
-    source = mutation_test.reference_source()
-    if function == "p_sample_float32_schedule":
-        with open(os.path.join(REPO, "tools", "alt_solutions", "float32_algorithm2.py")) as f:
-            source = f.read()
+    source = (_alternative_source("float32_algorithm2") if function == "p_sample_float32_schedule"
+              else mutation_test.reference_source())
     for old, new in RANDN_VARIANTS[function][k]:
         assert source.count(old) == 1, old
         source = source.replace(old, new)
@@ -131,15 +138,8 @@ def test_noise_from_torch_randn_costs_only_the_noise_like_check(function, k):
     expected_failure = {"p_sample": "p_sample_noise_comes_from_noise_like",
                         "sample": "sample_draws_start_with_noise_like"}[function]
     for params in (td.LOCAL_PARAMS, {"T": {"small": 70, "large": 800}, "mid": {"small": 3, "large": 2}, "seed": 5}):
-        failed = []
-        for chk in td.CHECKS:
-            if chk.function != function:  # p_sample_loop's checks run p_sample as a stand-in or its own chain
-                continue
-            requests = chk.requests(params)
-            expected = [_REFERENCE_OUTPUTS.setdefault(td.request_key(r), td.run_request(reference, r)) for r in requests]
-            passed, message = chk.judge([td.run_request(variant, r) for r in requests], expected, params)
-            if not passed:
-                failed.append(chk.name)
+        # p_sample_loop's checks run p_sample as a stand-in or its own chain: only the function's own checks
+        failed = list(_failing_checks(variant, params, lambda c: c.function == function))
         assert failed == [expected_failure], (params["T"], failed)
 
 
@@ -150,8 +150,6 @@ def test_noise_from_torch_randn_excuses_no_math_error(error):
     with torch.randn against 93.8)."""
     import random
 
-    sys.path.insert(0, REPO)
-    import diffusion as reference
     import test_diffusion as td
 
     source = mutation_test.reference_source()
@@ -162,14 +160,7 @@ def test_noise_from_torch_randn_excuses_no_math_error(error):
         failing = {}
         for label, edit in (("noise_like", None), ("randn", ("self.noise_like(x.shape, x.device)", "torch.randn_like(x)"))):
             variant = _module(f"off_{label}", source.replace(*edit) if edit else source)
-            failing[label] = set()
-            for chk in td.CHECKS:
-                if chk.function == "p_sample":
-                    requests = chk.requests(params)
-                    expected = [_REFERENCE_OUTPUTS.setdefault(td.request_key(r), td.run_request(reference, r))
-                                for r in requests]
-                    if not chk.judge([td.run_request(variant, r) for r in requests], expected, params)[0]:
-                        failing[label].add(chk.name)
+            failing[label] = set(_failing_checks(variant, params, lambda c: c.function == "p_sample"))
         assert len(failing["noise_like"]) >= 3 and len(failing["randn"]) >= len(failing["noise_like"]), failing
 
 
@@ -178,7 +169,6 @@ def test_the_float32_allowance_is_finite_and_small_at_every_step():
     stays the plain 1e-3 (a hole there would pass wrong math)."""
     import torch
 
-    sys.path.insert(0, REPO)
     import test_diffusion as td
 
     for T in (20, 120, 600, 1100):
