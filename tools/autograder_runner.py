@@ -61,6 +61,7 @@ MAX_SOURCE = 1 << 20
 MAX_PROTOCOL = 8 << 20  # a correct submission sends about 1.5 MB at the largest T
 MAX_LINE = 4 << 20
 MAX_LOG = 8 << 20
+ON_THE_GRADER = "torch, numpy and tqdm"  # what setup.sh installs for the submission (make_autograder.SETUP_SH)
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,39}\Z")
 ADDRESS_SPACE = int(os.environ.get("GRADER_ADDRESS_SPACE_MB", "8192")) << 20  # virtual; the watchdog limits resident memory
 SUSPICIOUS = {  # shown to instructors only; mentions are not proof of anything
@@ -413,7 +414,7 @@ def run_probes(python, work, uid, requests, *, time_limit, probe_timeout, memory
                     elif "import_error" in record and ready and not imported:
                         general = "Your diffusion.py could not be imported:\n" + str(record["import_error"])[-2500:]
                         if "ModuleNotFoundError" in general:
-                            general += ("\nThe grader has torch, numpy and tqdm, and stand-ins for the course's other "
+                            general += (f"\nThe grader has {ON_THE_GRADER}, and stand-ins for the course's other "
                                         "packages and files: diffusion.py must not need any other module.")
                     elif isinstance(record.get("i"), int) and record["i"] in pending and "out" in record:
                         outputs[record["i"]] = record["out"]
@@ -613,7 +614,7 @@ def grade(root, python=sys.executable, time_limit=480.0, probe_timeout=60.0, mem
             stand_ins = notes.pop("stand-ins", None)
             if stand_ins:
                 notice = (f"Note: your diffusion.py imports {', '.join(stand_ins)}, which the grader does not have "
-                          "(it has torch, numpy and tqdm). Each was replaced by a stand-in that does nothing; the "
+                          f"(it has {ON_THE_GRADER}). Each was replaced by a stand-in that does nothing; the "
                           "graded functions must not need them.")
                 hidden.append(notice)
             if not general:
