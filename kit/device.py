@@ -1,4 +1,5 @@
-"""Where the run happens: device choice, seeding, RNG isolation, mixed precision, DistributedDataParallel set-up."""
+"""Where the run happens: device choice, seeding, RNG isolation, mixed precision, GPU math settings and memory,
+fused Adam, DistributedDataParallel set-up."""
 import contextlib
 import datetime
 import os

@@ -1,6 +1,7 @@
 """Stopping cleanly. The first Ctrl-C, or SIGTERM (what Colab, Kaggle and Slurm send when they end a session),
 lets the current step (and any sampling or FID under way) finish; the trainer then saves and says how to resume.
-A second one stops at once, keeping the last checkpoint."""
+A second one stops at once, keeping the last checkpoint. Under torchrun the processes agree after every step
+whether any of them was signalled (`agreed_signal`), so that they all stop after the same one."""
 import contextlib
 import signal
 import threading
