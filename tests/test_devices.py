@@ -68,7 +68,7 @@ def test_a_checkpoint_from_fused_adam_resumes_into_unfused_adam():
 
 def test_adam_is_fused_where_torch_has_the_kernels():
     assert device.fused_adam(torch.device("cuda")) and not device.fused_adam(torch.device("meta"))
-    try:  # on the CPU (torch 2.4 and later: 13 ms a step against 37 ms here), exactly where Adam accepts it
+    try:  # on the CPU (recent torch: 13 ms a step against 37 ms here) exactly where Adam accepts it
         torch.optim.Adam([torch.nn.Parameter(torch.ones(1))], fused=True)
         accepted = True
     except RuntimeError:
