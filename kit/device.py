@@ -259,7 +259,7 @@ def float64_on_mps_problem(device_type, module):
 def sampling_batch_size(image_size, unet_dim, free_bytes=None):
     """Images per sampling batch. A U-Net pass under inference mode holds about 2.6 kB + 16 B x unet_dim of live
     activations per image pixel (measured: 2.7 kB at unet_dim 8, 2.8 at 16, 4.7 at 128), so memory grows with
-    the image area: 1000 images of 128 x 128 need about 46 GB. With the GPU's free memory known, as many as half
+    the image area: 1000 images of 128 x 128 need about 46 GB in float32. With the GPU's free memory known, as many as half
     of it holds (the other half for the allocator's slack and cuDNN's workspaces), at most 1000; otherwise (MPS,
     CPU) 250 images of 32 x 32, fewer for larger images."""
     if free_bytes is None:
@@ -282,7 +282,7 @@ def halving_batch_on_oom(draw, count, batch_size):
     while True:
         try:
             return draw(count, batch_size), batch_size
-        except torch.OutOfMemoryError:  # torch.cuda.OutOfMemoryError is this class
+        except torch.cuda.OutOfMemoryError:  # the same class as torch.OutOfMemoryError in recent torch
             if batch_size == 1:
                 raise
         # outside the except clause, so that the failed attempt's tensors are freed before the next one
