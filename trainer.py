@@ -4,12 +4,14 @@ Read `Trainer.train` top to bottom: it is Algorithm 1 with a checkpoint, a sampl
 The machinery lives in kit/ (data, checkpoints, figures, wandb, FID, device set-up); what makes it fast without
 changing the math: the images are decoded once into a uint8 tensor on the training device and augmented there,
 the loss is read back from the device every `log_every` steps instead of every step, sampling runs under
-inference mode, and CUDA gets mixed precision and fused Adam.
+inference mode, Adam is fused wherever torch has the kernels, and CUDA gets mixed precision, cuDNN autotuning and
+TF32.
 """
 import contextlib
 import glob
 import math
 import os
+import sys
 import uuid
 
 import torch
@@ -31,10 +33,18 @@ from kit.data import BatchOrder, ImageData, list_images
 from kit.device import (
     RunClock,
     amp_dtype,
-    read_back,
     autocast,
+    compile_warning,
+    configure_cuda_math,
     distributed,
+    float64_on_mps_problem,
+    free_memory,
+    fused_adam,
+    halving_batch_on_oom,
+    host_group,
     isolated_rng,
+    read_back,
+    sampling_batch_size,
     seed_everything,
     select_device,
     setup_distributed,
@@ -42,7 +52,7 @@ from kit.device import (
 from kit.errors import ConfigError, TrainingDiverged, TrainingInterrupted
 from kit.fid import ensure_inception_weights, scorer_for_data
 from kit.figures import diffusion_figures, save_grid, write_metrics
-from kit.interrupts import SIGNAL_NAMES, stop_after_the_step
+from kit.interrupts import SIGNAL_NAMES, agreed_signal, stop_after_the_step
 from kit.logger import WandbLogger
 from unet import Unet
 
@@ -55,7 +65,14 @@ class Trainer:
         self.device, self.rank, self.world_size = setup_distributed(select_device(cfg.device))
         self.is_main = self.rank == 0
         self.amp_dtype = amp_dtype(cfg.amp, self.device)  # checked against the device before the data is read
+        configure_cuda_math(self.device)
         seed_everything(cfg.seed + self.rank)
+        self.unet = Unet(dim=cfg.unet_dim, dim_mults=cfg.unet_dim_mults, channels=3)
+        self.diffusion = Diffusion(self.unet, image_size=cfg.image_size, timesteps=cfg.time_steps)
+        problem = float64_on_mps_problem(self.device.type, self.diffusion)
+        if problem:
+            raise ConfigError(problem)
+        self.diffusion.to(self.device)
         self.checkpoint_path = os.path.join(cfg.save_folder, CHECKPOINT_NAME)
         self.samples_folder = os.path.join(cfg.save_folder, "samples")
         if cfg.fid and cfg.fid_extractor == "inception" and self.is_main and for_training:
@@ -66,12 +83,11 @@ class Trainer:
         if for_training and cfg.batch_size * self.world_size > len(self.data):
             raise ConfigError(f"--batch_size {cfg.batch_size} is larger than the {len(self.data)} usable images in "
                               f"{cfg.data_path} ({cfg.data_class}): lower --batch_size or add images.")
-        self.batch_order = BatchOrder(len(self.data), cfg.seed)
-        self.unet = Unet(dim=cfg.unet_dim, dim_mults=cfg.unet_dim_mults, channels=3)
-        self.diffusion = Diffusion(self.unet, image_size=cfg.image_size, timesteps=cfg.time_steps).to(self.device)
-        self.optimizer = torch.optim.Adam(self.unet.parameters(), lr=cfg.learning_rate, fused=self.device.type == "cuda")
+        self.batch_order = BatchOrder(len(self.data), cfg.seed, self.device)
+        self.optimizer = torch.optim.Adam(self.unet.parameters(), lr=cfg.learning_rate, fused=fused_adam(self.device))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.step, self.losses, self.fids = 0, [], []  # (step, value) pairs
+        self.sampling_batch = None  # found at the first sampling (see `sample`)
         self.run_id, self.started_from = uuid.uuid4().hex[:8], None
         self._load_start_checkpoint()
         if self.is_main and for_training:  # a save writes the new file beside the old one
@@ -83,8 +99,14 @@ class Trainer:
                 self.fid_scorer = scorer_for_data(self.data, cfg, self.device)
         self.logger = WandbLogger(cfg, self.run_id) if self.is_main else None
         if for_training and cfg.compile:
-            self.diffusion.model = torch.compile(self.unet)
+            warning = compile_warning(self.device.type)
+            if warning:
+                print(f"warning: {warning}", file=sys.stderr)
+            else:
+                self.diffusion.model = torch.compile(self.unet)
         self.model_for_training = distributed(self.diffusion, self.device) if for_training else self.diffusion
+        # where the torchrun processes agree when to stop (a CPU all-reduce: it does not wait for the GPU)
+        self.stop_group = host_group() if self.world_size > 1 else None
 
     # --- checkpoints ----------------------------------------------------------------------------------------------
 
@@ -115,7 +137,7 @@ class Trainer:
     def _fixed_batch(self, count):
         """`count` real images (fixed crops and flips) and noise, from --seed; call under isolated_rng."""
         torch.manual_seed(self.cfg.seed)
-        x_0 = self.data.batch(torch.arange(min(count, len(self.data))))
+        x_0 = self.data.batch(torch.arange(min(count, len(self.data)), device=self.data.device))
         return x_0, torch.randn_like(x_0)
 
     # --- training -------------------------------------------------------------------------------------------------
@@ -133,7 +155,7 @@ class Trainer:
             self.save_sample_grid()  # its save point was interrupted before the grid was written
         clock = RunClock(self.step, cfg.train_steps, self.device)
         with stop_after_the_step(self.checkpoint_path) as stop:
-            while self.step < cfg.train_steps and not stop.requested:
+            while self.step < cfg.train_steps and not self._stop_agreed(stop):
                 pending.append(self._optimizer_step())
                 self.step += 1
                 bar.update(1)
@@ -150,8 +172,7 @@ class Trainer:
                     self.save_checkpoint()
         bar.close()
         interrupted = stop.requested and self.step < cfg.train_steps
-        # after an interruption ranks may stand at different steps under torchrun: no collectives, rank 0 saves
-        self._flush_losses(pending, bar, across_ranks=not interrupted)
+        self._flush_losses(pending, bar)
         if self.is_main:
             if interrupted:
                 self.save_checkpoint()
@@ -162,6 +183,15 @@ class Trainer:
                       f"{self.checkpoint_path}. Re-run the same command to resume.")
             raise TrainingInterrupted(stop.signal)
         return self.summary()
+
+    def _stop_agreed(self, stop):
+        """Whether to stop before the next step. Under torchrun a signal may reach some processes only, or reach
+        them during different steps; they all take the same decision after the same step, since a process that
+        started one more step would wait forever in its gradient all-reduce and lose the final checkpoint."""
+        if self.world_size > 1:
+            stop.signal = agreed_signal(stop.signal, self.stop_group)
+            stop.requested = stop.signal is not None
+        return stop.requested
 
     def _milestone(self):
         return self.step % self.cfg.save_and_sample_every == 0 or self.step == self.cfg.train_steps
@@ -188,9 +218,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return step_loss
 
-    def _flush_losses(self, pending, bar, across_ranks=True):
+    def _flush_losses(self, pending, bar):
         """Read the accumulated per-step losses back from the device (one sync), check them, log them."""
-        values = read_back(pending, self.world_size if across_ranks else 1)
+        values = read_back(pending, self.world_size)
         first_step = self.step - len(values) + 1
         for step, value in enumerate(values, start=first_step):
             if not math.isfinite(value):
@@ -225,14 +255,21 @@ class Trainer:
 
     @torch.inference_mode()
     def sample(self, count, batch_size=None):
-        """`count` images in [0, 1] on the CPU, drawn in batches, without touching the training RNG streams."""
-        batch_size = batch_size or (1000 if self.device.type == "cuda" else 250)
-        out = []
+        """`count` images in [0, 1] on the CPU, drawn in batches (as many as the GPU's memory holds, see
+        `sampling_batch_size`; halved while it runs out), without touching the training RNG streams."""
+        chosen_here = batch_size is None
+        batch_size = batch_size or self.sampling_batch or sampling_batch_size(
+            self.cfg.image_size, self.cfg.unet_dim, free_memory(self.device))
         with isolated_rng(self.device), autocast(self.device, self.amp_dtype):
-            torch.manual_seed(self.cfg.seed * 1_000_003 + self.step)  # samples depend on (seed, step) only
-            for start in tqdm(range(0, count, batch_size), desc="Sampling", leave=False):
-                out.append(self.diffusion.sample(min(batch_size, count - start)).float().cpu())
-        return torch.cat(out)
+            images, worked = halving_batch_on_oom(self._draw, count, batch_size)
+        if chosen_here:
+            self.sampling_batch = worked  # the next milestones start from what worked
+        return images
+
+    def _draw(self, count, batch_size):
+        torch.manual_seed(self.cfg.seed * 1_000_003 + self.step)  # samples depend on (seed, step, batch size) only
+        return torch.cat([self.diffusion.sample(min(batch_size, count - start)).float().cpu()
+                          for start in tqdm(range(0, count, batch_size), desc="Sampling", leave=False)])
 
     def write_metrics(self):
         if self.is_main:

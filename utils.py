@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 from kit.checkpoints import CHECKPOINT_NAME
 from kit.data import DATA_CLASSES, make_smoke_data
 from kit.device import select_device
-from kit.errors import ConfigError, DiskFull, FIDSetupError, TrainingDiverged
+from kit.errors import DEFAULT_LEARNING_RATE, ConfigError, DiskFull, FIDSetupError, TrainingDiverged
 from kit.files import check_writable, claim_folder
 from trainer import Trainer
 
@@ -41,7 +41,7 @@ class Config:
     image_size: int = option(32, "image side in pixels (must be divisible by 2^(levels-1))")
     batch_size: int = option(32, "images per micro-batch")
     grad_accum: int = option(2, "micro-batches accumulated per optimizer step (the course's trainer uses 2)")
-    learning_rate: float = option(1e-3, "Adam learning rate")
+    learning_rate: float = option(DEFAULT_LEARNING_RATE, "Adam learning rate")
     # handout table 3: model
     unet_dim: int = option(16, "base channel width of the U-Net")
     unet_dim_mults: Tuple[int, ...] = option((1, 2, 4, 8), "channel multiplier per U-Net level")
@@ -54,7 +54,8 @@ class Config:
     )
     dataloader_workers: int = option(4, "threads that decode the images once at start-up")
     # this kit's additions
-    seed: int = option(0, "random seed: a seeded run is reproducible on the same device")
+    seed: int = option(0, "random seed: a seeded run is reproducible on the CPU (on a GPU, cuDNN's and other kernels "
+                       "are not deterministic)")
     device: str = option("auto", "where to run: auto picks cuda > mps > cpu", choices=("auto", "cuda", "mps", "cpu"))
     wandb: str = option(
         "auto", "auto: online if a wandb key is set up, else offline files", choices=("auto", "online", "offline", "disabled")
@@ -72,10 +73,11 @@ class Config:
     sample_grid_size: int = option(64, "images in each saved sample grid (a square number)")
     log_every: int = option(50, "steps between loss read-backs from the device (every step is still logged)")
     amp: str = option(
-        "auto", "mixed precision: auto = bf16 on Ampere+ GPUs and bf16-capable CPUs, fp16 on older GPUs, else off",
+        "auto", "mixed precision: auto = bf16 on Ampere+ GPUs and bf16-capable CPUs, fp16 on older GPUs, else off; "
+        "off = float32 (on Ampere+ GPUs, matrix products and convolutions in TF32)",
         choices=("auto", "bf16", "fp16", "off"),
     )
-    compile: bool = option(False, "torch.compile the U-Net (CUDA; slower start, faster steps)")
+    compile: bool = option(False, "torch.compile the U-Net on CUDA (slower start, faster steps); elsewhere a warning")
 
     @classmethod
     def from_args(cls, **args):

@@ -7,6 +7,7 @@ import shutil
 
 import torch
 
+from kit.device import accelerator_rng_state, set_accelerator_rng_state
 from kit.errors import ConfigError, DiskFull
 from kit.files import atomic_write
 
@@ -135,24 +136,38 @@ def training_state(trainer):
         "model": trainer.unet.state_dict(), "optimizer": trainer.optimizer.state_dict(),
         "scaler": trainer.scaler.state_dict(), "step": trainer.step, "config": dataclasses.asdict(trainer.cfg),
         "signature": trainer.cfg.model_signature(), "metrics": {"loss": trainer.losses, "fid": trainer.fids},
-        "rng": {"cpu": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+        "rng": {"cpu": torch.get_rng_state(),  # and the GPU's, under its kind
+                **{kind: accelerator_rng_state(device) if device.type == kind else None for kind in ("cuda", "mps")}},
         "wandb_run_id": trainer.run_id, "started_from": trainer.started_from,
     }
 
 
+ADAM_KERNEL_CHOICES = ("fused", "foreach", "capturable")  # how Adam runs on this device, not what it learned
+
+
+def with_this_runs_kernels(saved_optimizer, optimizer):
+    """The saved optimizer state with this run's kernel choices in its param groups.
+
+    `Optimizer.load_state_dict` places each `state["step"]` by the *saved* group's flags (fused or capturable:
+    on the parameter's device as float32; otherwise left where it was saved, on the CPU). A checkpoint written
+    where Adam was not fused (a CPU before this kit fused it there, or a device without fused kernels) and
+    resumed on CUDA would leave `step` on the CPU, and the fused kernel fails at the first step."""
+    groups = [{**saved, **{key: group[key] for key in ADAM_KERNEL_CHOICES if key in group}}
+              for saved, group in zip(saved_optimizer["param_groups"], optimizer.param_groups)]
+    return {**saved_optimizer, "param_groups": groups}
+
+
 def restore_training_state(state, optimizer, scaler, device, rank, seed, learning_rate):
     """Load the optimizer, scaler and RNG streams saved by `training_state`; returns (losses, fids)."""
-    optimizer.load_state_dict(state["optimizer"])
+    optimizer.load_state_dict(with_this_runs_kernels(state["optimizer"], optimizer))
     for group in optimizer.param_groups:
-        group["fused"] = device.type == "cuda"  # the saved flag is the saving device's
         group["lr"] = learning_rate  # this run's --learning_rate, not the saved one
     if state["scaler"]:  # empty when saved without fp16 (CPU, bf16): keep this run's fresh scaler
         scaler.load_state_dict(state["scaler"])
     if rank == 0:
         torch.set_rng_state(state["rng"]["cpu"])
-        if device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        if device.type != "cpu" and state["rng"].get(device.type) is not None:  # saved on a GPU of this kind
+            set_accelerator_rng_state(device, state["rng"][device.type])
     else:  # other ranks: fresh streams for this step, not a replay of their first steps
         torch.manual_seed((seed + rank) * 1_000_003 + state["step"])
     return [tuple(p) for p in state["metrics"]["loss"]], [tuple(p) for p in state["metrics"]["fid"]]

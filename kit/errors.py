@@ -6,6 +6,15 @@ class ConfigError(ValueError):
     """Bad user input, found before any long work starts. The message names the value and the fix."""
 
 
+DEFAULT_LEARNING_RATE = 1e-3  # the course's Adam rate (utils.Config's default), known to train this U-Net
+
+
+def advised_learning_rate(learning_rate):
+    """A rate to try after `learning_rate` diverged: the default when it was above it (1e30 / 10 would diverge
+    again), else ten times lower."""
+    return DEFAULT_LEARNING_RATE if learning_rate > DEFAULT_LEARNING_RATE else learning_rate / 10
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the message says which checkpoint is kept and what to change."""
 
@@ -13,8 +22,10 @@ class TrainingDiverged(RuntimeError):
     def at(cls, problem, step, checkpoint_path, learning_rate):
         kept = (f"the last good checkpoint ({checkpoint_path}) is kept, and re-running resumes from it with the new "
                 "options" if os.path.isfile(checkpoint_path) else "no checkpoint had been saved, so re-running starts over")
+        advised = advised_learning_rate(learning_rate)
+        example = f"{advised:g}" + (", the default" if advised == DEFAULT_LEARNING_RATE else "")
         return cls(f"{problem} at step {step}: training stopped; {kept}. Lower --learning_rate (now {learning_rate}, "
-                   f"e.g. {learning_rate / 10:g}) or try --amp off, then re-run the same command.")
+                   f"e.g. {example}) or try --amp off, then re-run the same command.")
 
 
 class FIDSetupError(RuntimeError):

@@ -1,11 +1,14 @@
 """Stopping cleanly. The first Ctrl-C, or SIGTERM (what Colab, Kaggle and Slurm send when they end a session),
 lets the current step (and any sampling or FID under way) finish; the trainer then saves and says how to resume.
-A second one stops at once, keeping the last checkpoint."""
+A second one stops at once, keeping the last checkpoint. Under torchrun the processes agree after every step
+whether any of them was signalled (`agreed_signal`), so that they all stop after the same one."""
 import contextlib
 import signal
 import threading
 import types
 
+import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
@@ -38,3 +41,11 @@ def stop_after_the_step(checkpoint_path):
     finally:
         for signum, handler_before in previous.items():
             signal.signal(signum, handler_before)
+
+
+def agreed_signal(signum, group=None):
+    """The signal that stops a torchrun run (None: go on), the same in every process whichever of them received
+    it: one all-reduce of the largest signal number (SIGTERM outranks Ctrl-C)."""
+    flag = torch.tensor([signum or 0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return int(flag) or None

@@ -4,6 +4,7 @@ import errno
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -126,3 +127,33 @@ def test_torchrun_with_two_processes_trains_with_ddp_on_gloo(tmp_path, image_fol
     assert checkpoint_step(tmp_path) == 3
     assert (tmp_path / "samples" / "sample-3.png").is_file()
     assert result.stdout.count("checkpoint: ") == 1, "only rank 0 reports and saves"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_processes_stop_together_when_one_gets_sigterm(tmp_path, image_folder):
+    # a signal may reach only some of the processes (or reach them during different steps): they must all stop
+    # after the same step, or one waits forever for the others in its gradient all-reduce and the save is lost
+    args = tiny_args(tmp_path, image_folder, train_steps=10_000, save_and_sample_every=3, log_every=3)
+    torchrun_env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
+                    "LOCAL_WORLD_SIZE": "2"}
+    ranks = [start_main(args, env={**os.environ, **torchrun_env, "RANK": str(rank), "LOCAL_RANK": str(rank)})
+             for rank in (0, 1)]
+    try:
+        while not os.path.exists(tmp_path / "checkpoint.pt") and all(p.poll() is None for p in ranks):
+            time.sleep(0.05)
+        ranks[1].send_signal(signal.SIGTERM)  # not the process that saves
+        (out, err), (out_1, err_1) = (p.communicate(timeout=120) for p in ranks)
+    finally:
+        for p in ranks:
+            p.kill()
+    assert [p.returncode for p in ranks] == [128 + signal.SIGTERM] * 2, err[-2000:] + err_1[-2000:]
+    assert "SIGTERM: saving a checkpoint after this step" in out_1 and "Traceback" not in err + err_1
+    stopped_at = int(out.split("Stopped at step ")[1].split(" ")[0])
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["step"] == stopped_at >= 3
+    assert [s for s, _ in state["metrics"]["loss"]] == list(range(1, stopped_at + 1))  # averaged over both ranks
