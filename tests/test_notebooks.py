@@ -3,6 +3,7 @@ runnable top to bottom in a real Jupyter kernel in their smoke configuration (DD
 no installs, no network), producing every handout figure (7.1-7.5) inline and on disk. Their cells' other
 paths (handout.zip upload, the install plan against Colab's package list, the GPU check, reloading the
 student's code) are run in this process."""
+import csv
 import importlib
 import importlib.metadata
 import importlib.util
@@ -81,6 +82,11 @@ def image_outputs(notebook):
             if output.output_type == "display_data" and "image/png" in output.get("data", {})]
 
 
+def listing(folder):
+    """{path: (size, mtime)} of everything under folder; empty when it does not exist."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
 def execute_smoke(name, repo, tmp_path, monkeypatch, kernel_specs, with_nbconvert=False, data=None):
     """Run the notebook in `repo` (the kernel's working directory) with DDPM_SMOKE=1, through nbclient or through
     the `jupyter nbconvert --execute --to notebook` command itself, and check that every handout figure was
@@ -95,6 +101,7 @@ def execute_smoke(name, repo, tmp_path, monkeypatch, kernel_specs, with_nbconver
     monkeypatch.setenv("WANDB_MODE", "disabled")  # belt and braces: the smoke config disables wandb already
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # CPU torch with 2+ threads crawls on a busy CI machine
     monkeypatch.setenv("MKL_NUM_THREADS", "1")
+    before = listing(repo / "results")  # a run of main.py may have left one: the notebook must not touch it
     start = time.monotonic()
     if with_nbconvert:
         monkeypatch.setenv("JUPYTER_PATH", str(Path(kernel_specs.kernel_dirs[0]).parent))
@@ -118,12 +125,14 @@ def execute_smoke(name, repo, tmp_path, monkeypatch, kernel_specs, with_nbconver
     results = tmp_path / "results"
     for figure in FIGURES:
         assert (results / figure).is_file(), f"{name} did not write {figure} in {results}"
-    assert list((results / "samples").glob("sample-*.png")), f"{name} wrote no sample grid"
+    # the smoke settings' two milestones (a curve of two points), whether the images are real or generated
+    assert sorted(p.name for p in (results / "samples").glob("sample-*.png")) == ["sample-1.png", "sample-2.png"]
+    with open(results / "metrics.csv") as f:
+        fid_steps = [row["step"] for row in csv.DictReader(f) if row["fid"]]
+    assert fid_steps == ["1", "2"], f"{name} scored FID at steps {fid_steps}, not at its two milestones 1 and 2"
     # 7.1 loss, 7.2 FID, 7.3 samples, 7.4 forward, 7.5 backward, all displayed inline
     assert len(image_outputs(notebook)) >= 5, f"{name} displayed fewer than the 5 handout figures inline"
-    assert not (repo / "results").exists() or (repo / "results").stat().st_mtime < start, (
-        f"{name} wrote into the repository's results/ in smoke mode"
-    )
+    assert listing(repo / "results") == before, f"{name} wrote into the repository's results/ in smoke mode"
 
 
 @pytest.mark.parametrize("name", ["run_in_colab.ipynb"])
@@ -134,8 +143,9 @@ def test_notebook_runs_top_to_bottom_in_smoke_mode(name, tmp_path, monkeypatch, 
 
 
 def test_notebook_runs_in_smoke_mode_without_shared_data(tmp_path, monkeypatch, kernel_specs):
-    """In a copy of the repository with no ../shared beside it: the trainer's generated images. Run with the
-    `DDPM_SMOKE=1 jupyter nbconvert --execute --to notebook` command that students and the issue name."""
+    """In a copy of the repository with no ../shared beside it, holding the results/ of an earlier run: the
+    trainer's generated images. Run with the `DDPM_SMOKE=1 jupyter nbconvert --execute --to notebook` command that
+    students and the issue name."""
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                             capture_output=True)
     if listed.returncode:
@@ -146,6 +156,8 @@ def test_notebook_runs_in_smoke_mode_without_shared_data(tmp_path, monkeypatch, 
             (repo / relative).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / relative, repo / relative)
     assert not (repo.parent / "shared").exists()
+    (repo / "results").mkdir(exist_ok=True)  # what `python main.py --smoke` leaves behind in a student's folder
+    (repo / "results" / "metrics.csv").write_text("step,loss,fid\n4,0.9,\n")
     execute_smoke("run_in_kaggle.ipynb", repo, tmp_path / "out", monkeypatch, kernel_specs, with_nbconvert=True)
 
 

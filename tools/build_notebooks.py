@@ -217,7 +217,7 @@ args = dict(
 
 # Headless test mode (the test suite sets DDPM_SMOKE=1): a few CPU steps, no installs, no network, outputs in a
 # temporary folder. Real images from the folder DDPM_SMOKE_DATA names (the tests': the course's 36x36 copy), else
-# generated ones.
+# generated ones (the data cell makes them).
 SMOKE = os.environ.get("DDPM_SMOKE") == "1"
 if SMOKE:
     import tempfile
@@ -229,10 +229,7 @@ if SMOKE:
         fid_num_samples=8, sample_grid_size=4, log_every=1, dataloader_workers=2, device="cpu", wandb="disabled",
         save_folder=os.path.join(smoke_dir, "results"),
     )
-    if smoke_data and os.path.isdir(smoke_data):
-        args["data_path"] = smoke_data
-    else:
-        args["smoke"] = True
+    args["data_path"] = smoke_data if smoke_data and os.path.isdir(smoke_data) else os.path.join(smoke_dir, "data")
     print("smoke mode:", args)'''
 
 CODE = '''\
@@ -522,7 +519,11 @@ def afhq_zip(path):
 
 
 if SMOKE:
-    print("smoke mode: data from", "generated images" if args.get("smoke") else args["data_path"])
+    if not ready(args["data_path"]):  # no course images: the kit's generated ones (what main.py --smoke trains on)
+        from kit.data import make_smoke_data
+
+        make_smoke_data(args["data_path"])
+    print("smoke mode: data from", args["data_path"])
 elif ready(args["data_path"]):
     print("data:", args["data_path"])
 else:
