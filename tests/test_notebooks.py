@@ -501,6 +501,46 @@ def test_gpu_the_installed_torch_cannot_run_gives_a_message_not_a_crash(name, ou
     assert ns["args"]["device"] == "cpu"
 
 
+def test_kaggle_t4_x2_trains_on_both_gpus_with_the_same_images_a_step(tmp_path, monkeypatch, isolated_imports, capsys):
+    """The training cell on a machine with two GPUs: main.py under torchrun, one process per GPU, each taking one
+    micro-batch of 32 (grad_accum 2 / 2) so that a step still takes the handout's 64 images. Run here with two CPU
+    processes (gloo) in the notebook's smoke settings: the cells as they are, only the GPU count stands in."""
+    monkeypatch.setenv("DDPM_SMOKE", "1")
+    monkeypatch.setenv("DDPM_SMOKE_DIR", str(tmp_path))
+    monkeypatch.delenv("DDPM_SMOKE_DATA", raising=False)
+    monkeypatch.chdir(REPO)
+
+    def two_gpus(cell_id, ns):
+        if cell_id == "train":
+            assert ns["GPU_COUNT"] == 1 and ns["ALL_GPUS"]  # this machine's count, replaced by Kaggle's
+            ns["GPU_COUNT"] = 2
+
+    ns = run_cells("run_in_kaggle.ipynb", "parameters", "code", "packages", "data", "train", before=two_gpus)
+    out = capsys.readouterr().out
+    assert "2 processes with grad_accum 1 each: 16 images a step, as in one process with grad_accum 2" in out
+    assert "torch.distributed.run --standalone --nproc_per_node 2" in out and "--grad_accum 1" in out
+    assert ns["summary"]["processes"] == 2 and ns["summary"]["grad_accum"] == 1
+    results = tmp_path / "results"
+    assert sorted(p.name for p in (results / "samples").glob("sample-*.png")) == ["sample-1.png", "sample-2.png"]
+    state = __import__("torch").load(results / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 2 and state["config"]["grad_accum"] == 1
+    assert out.count("checkpoint: ") == 1, "only rank 0 reports"
+
+
+def test_images_a_step_are_split_among_processes_only_when_they_divide():
+    import main
+    import utils
+
+    args = {"batch_size": 32, "grad_accum": 4, "save_folder": "/tmp/x", "load_path": None, "unet_dim_mults": (1, 2)}
+    assert utils.split_grad_accum(args, 2)[0]["grad_accum"] == 2 and utils.split_grad_accum(args, 4)[0]["grad_accum"] == 1
+    same, note = utils.split_grad_accum(args, 3)
+    assert same is args and note == ("grad_accum 4 does not divide among 3 processes: each step takes 384 images "
+                                     "instead of 128 (a grad_accum that is a multiple of 3 keeps them)")
+    flags = utils.command_line({**args, "fid": False, "compile": True})
+    parsed = vars(main.build_parser().parse_args(flags))
+    assert utils.Config.from_args(**parsed) == utils.Config.from_args(**{**args, "fid": False, "compile": True})
+
+
 def test_kaggle_recommends_t4_x2_not_p100():
     intro = nbformat.read(REPO / "run_in_kaggle.ipynb", as_version=4).cells[0].source
     assert "GPU T4 x2" in intro and "T4 or P100" not in intro and "Not the P100" in intro
