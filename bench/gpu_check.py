@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""One command for the first GPU: the kit's GPU-only paths tested, then the benchmark run on the GPU, in under 5
-minutes, with the outcome written to bench/RESULTS.md (section "GPU check") under the device's name.
+"""One command for the first GPU: the kit's GPU-only paths tested, then the benchmark run on the GPU (sized for
+under 5 minutes), with the outcome written to bench/RESULTS.md (section "GPU check") under the device's name.
 
     python bench/gpu_check.py                 # the kit's venv plus bench/requirements.txt (the peer)
     python bench/gpu_check.py --repeats 3     # steadier benchmark figures, about a minute more
