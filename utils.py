@@ -282,6 +282,21 @@ def _show_output(process):
     process.wait()
 
 
+def run_passing_on_a_stop(command):
+    """Run `command` with its output shown as it comes; returns its exit code. A stop here (KeyboardInterrupt: Ctrl-C,
+    a notebook's stop button) is passed on to it as one SIGINT, its last words are shown, and the stop goes on."""
+    # its own session: the SIGINT that a notebook's stop button sends to the kernel's whole process group would
+    # reach it too, and a second stop makes the trainer stop at once without saving
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _show_output(process)
+    except KeyboardInterrupt:
+        process.send_signal(signal.SIGINT)  # torchrun passes it to each process: they finish the step and save
+        _show_output(process)
+        raise
+    return process.returncode
+
+
 def train_with_torchrun(processes, **args):
     """train_diffusion(**args) in `processes` processes, one per GPU (Kaggle's "GPU T4 x2"): main.py under torchrun
     in a subprocess (DistributedDataParallel; torch cannot fork a notebook kernel that has used CUDA), with the
@@ -296,17 +311,11 @@ def train_with_torchrun(processes, **args):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), main,
                *command_line(args)]
     print("running:", " ".join(command), flush=True)
-    # its own session: a stop reaches torchrun once, from here (twice would stop the processes without saving)
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        _show_output(process)
-    except KeyboardInterrupt:
-        process.send_signal(signal.SIGINT)  # torchrun passes it to each process: they finish the step and save
-        _show_output(process)
-        raise
-    if process.returncode:
-        raise RuntimeError(f"training in {processes} processes stopped with exit code {process.returncode}: its "
-                           "messages are above. To train in this process instead, call train_diffusion(**args).")
+    returncode = run_passing_on_a_stop(command)
+    if returncode:
+        raise RuntimeError(f"training in {processes} processes stopped with exit code {returncode}: its "
+                           "messages are above. To train in one process instead: train_diffusion(**args) (in the "
+                           "notebooks, ALL_GPUS = False).")
     return {"processes": processes, "grad_accum": cfg.grad_accum, "save_folder": cfg.save_folder,
             "checkpoint": os.path.join(cfg.save_folder, CHECKPOINT_NAME),
             "metrics": os.path.join(cfg.save_folder, "metrics.csv")}

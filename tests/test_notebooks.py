@@ -527,6 +527,40 @@ def test_kaggle_t4_x2_trains_on_both_gpus_with_the_same_images_a_step(tmp_path, 
     assert out.count("checkpoint: ") == 1, "only rank 0 reports"
 
 
+def test_a_stop_reaches_the_training_processes_once(tmp_path, capsys):
+    """The notebook's stop button interrupts the kernel: torchrun gets one SIGINT (it passes it on to the processes,
+    which save), the training's last words are shown, and the cell stops."""
+    import signal
+    import threading
+
+    import utils
+
+    child, ready = tmp_path / "trainer.py", tmp_path / "ready"
+    child.write_text(
+        "import pathlib, signal, sys, time\n"
+        "signals = []\n"
+        "signal.signal(signal.SIGINT, lambda *_: signals.append(1))\n"
+        "print('training', flush=True)\n"
+        f"pathlib.Path({str(ready)!r}).touch()\n"
+        "while not signals:\n"
+        "    time.sleep(0.01)\n"
+        "time.sleep(0.5)  # a second signal would come now\n"
+        "print(f'saved after {len(signals)} stop signal(s)', flush=True)\n")
+
+    def press_stop_once_training():
+        deadline = time.monotonic() + 600  # a hang guard: the child normally starts in well under a second
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    stop = threading.Thread(target=press_stop_once_training)
+    stop.start()
+    with pytest.raises(KeyboardInterrupt):
+        utils.run_passing_on_a_stop([sys.executable, str(child)])
+    stop.join()
+    assert capsys.readouterr().out == "training\nsaved after 1 stop signal(s)\n"
+
+
 def test_images_a_step_are_split_among_processes_only_when_they_divide():
     import main
     import utils
