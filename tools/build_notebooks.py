@@ -217,7 +217,6 @@ args = dict(
 )
 ALL_GPUS = True  # several GPUs (Kaggle's T4 x2): train on each, one process per GPU, 64 images a step as on one
 
-
 # Headless test mode (the test suite sets DDPM_SMOKE=1): a few CPU steps, no installs, no network, outputs in a
 # temporary folder. Real images from the folder DDPM_SMOKE_DATA names (the tests': the course's 36x36 copy), else
 # generated ones (the data cell makes them).
