@@ -9,12 +9,15 @@ import codecs
 import dataclasses
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
 import zipfile
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
+
+import torch
 
 from kit.checkpoints import CHECKPOINT_NAME
 from kit.data import DATA_CLASSES, make_smoke_data
@@ -213,8 +216,23 @@ def smoke_config(cfg):
     )
 
 
+# torch.cuda.is_bf16_supported(including_emulation=...) (--amp auto on a GPU) is the newest API the kit needs; 2.4
+# and Colab's 2.11 pass every check (bench/README.md, "Platform check")
+OLDEST_TORCH = (2, 4)
+
+
+def check_torch_version(version):
+    """Refuse a torch older than the kit supports, naming it and the fix, before it fails somewhere in the run."""
+    major, minor = (int(part) for part in re.match(r"(\d+)\.(\d+)", version).groups())
+    if (major, minor) < OLDEST_TORCH:
+        oldest = ".".join(map(str, OLDEST_TORCH))
+        raise ConfigError(f"torch {version} is older than {oldest}, the oldest this kit supports: install torch "
+                          f">= {oldest} (requirements.txt pins the tested pair), e.g. pip install -r requirements.txt.")
+
+
 def checked_config(args):
     """Config from keyword options, with --smoke applied, validated. Raises ConfigError naming the fix."""
+    check_torch_version(torch.__version__)
     cfg = Config.from_args(**args)
     if cfg.smoke:
         cfg = smoke_config(cfg)

@@ -34,3 +34,16 @@ def test_an_older_torch_replaces_the_platforms(tmp_path):
                                                                                  "torchvision": "0.19.0"})
     assert requirements[:3] == ["torch==2.4.0", "torchvision==0.19.0", "numpy==2.1.3"]
     assert constraints == []
+
+
+def test_a_torch_older_than_the_oldest_supported_is_refused_with_the_fix(tmp_path, monkeypatch):
+    """torch 2.3 has no is_bf16_supported(including_emulation=...): every GPU run with --amp auto would crash."""
+    import utils
+
+    monkeypatch.setattr(utils.torch, "__version__", "2.3.1+cu121")
+    with pytest.raises(utils.ConfigError, match=r"^torch 2\.3\.1\+cu121 is older than 2\.4, the oldest this kit "
+                                                r"supports: install torch >= 2\.4"):
+        utils.train_diffusion(save_folder=str(tmp_path / "run"), data_path=str(tmp_path))
+    assert not (tmp_path / "run").exists()
+    for version in ("2.4.0", "2.11.0+cu128", "2.14.1", "3.0.0a0"):
+        utils.check_torch_version(version)
