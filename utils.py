@@ -5,12 +5,19 @@ it, and `train_diffusion(**args)` / `visualize_diffusion(**args)` take the same 
 Options are validated here, before any long work starts; the Trainer (trainer.py) and its machinery (kit/)
 stand below this file.
 """
+import codecs
 import dataclasses
 import math
 import os
+import re
+import signal
+import subprocess
+import sys
 import zipfile
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
+
+import torch
 
 from kit.checkpoints import CHECKPOINT_NAME
 from kit.data import DATA_CLASSES, make_smoke_data
@@ -20,7 +27,7 @@ from kit.files import check_writable, claim_folder
 from trainer import Trainer
 
 __all__ = ["Config", "ConfigError", "DiskFull", "FIDSetupError", "TrainingDiverged", "select_device", "train_diffusion",
-           "visualize_diffusion"]
+           "train_with_torchrun", "visualize_diffusion"]
 
 
 def option(default, help, **kwargs):
@@ -211,8 +218,23 @@ def smoke_config(cfg):
     )
 
 
+# torch.cuda.is_bf16_supported(including_emulation=...) (--amp auto on a GPU) is the newest API the kit needs; 2.4
+# and Colab's 2.11 pass every check (bench/README.md, "Platform check")
+OLDEST_TORCH = (2, 4)
+
+
+def check_torch_version(version):
+    """Refuse a torch older than the kit supports, naming it and the fix, before it fails somewhere in the run."""
+    major, minor = (int(part) for part in re.match(r"(\d+)\.(\d+)", version).groups())
+    if (major, minor) < OLDEST_TORCH:
+        oldest = ".".join(map(str, OLDEST_TORCH))
+        raise ConfigError(f"torch {version} is older than {oldest}, the oldest this kit supports: install torch "
+                          f">= {oldest} (requirements.txt pins the tested pair), e.g. pip install -r requirements.txt.")
+
+
 def checked_config(args):
     """Config from keyword options, with --smoke applied, validated. Raises ConfigError naming the fix."""
+    check_torch_version(torch.__version__)
     cfg = Config.from_args(**args)
     if cfg.smoke:
         cfg = smoke_config(cfg)
@@ -241,3 +263,79 @@ def visualize_diffusion(**args):
         return trainer.visualize()
     finally:
         trainer.close()
+
+
+def command_line(args):
+    """main.py's flags for keyword options (the names train_diffusion takes); None means the default."""
+    flags = []
+    for name, value in args.items():
+        if isinstance(value, bool):
+            flags.append(f"--{name}" if value else f"--no-{name}")
+        elif isinstance(value, (tuple, list)):
+            flags += [f"--{name}", *map(str, value)]
+        elif value is not None:
+            flags += [f"--{name}", str(value)]
+    return flags
+
+
+def split_grad_accum(args, processes):
+    """(args, note) for `processes` torchrun processes. Each process takes its own micro-batches, so a step takes
+    batch_size x grad_accum x processes images: grad_accum is divided among the processes when it divides evenly
+    (the handout's 32 x 2 = 64 images a step become 32 x 1 on each of two GPUs), else kept, and the note says so."""
+    cfg = Config.from_args(**args)
+    images = cfg.batch_size * cfg.grad_accum
+    if cfg.grad_accum % processes == 0:
+        each = cfg.grad_accum // processes
+        return {**args, "grad_accum": each}, (f"{processes} processes with grad_accum {each} each: {images} images a "
+                                              f"step, as in one process with grad_accum {cfg.grad_accum}")
+    return args, (f"grad_accum {cfg.grad_accum} does not divide among {processes} processes: each step takes "
+                  f"{images * processes} images instead of {images} (a grad_accum that is a multiple of {processes} "
+                  "keeps them)")
+
+
+def _show_output(process):
+    """Copy the process's output to ours as it comes (progress bars too), until it exits."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    while chunk := os.read(process.stdout.fileno(), 65536):
+        sys.stdout.write(decoder.decode(chunk))
+        sys.stdout.flush()
+    process.wait()
+
+
+def run_passing_on_a_stop(command):
+    """Run `command` with its output shown as it comes; returns its exit code. A stop here (KeyboardInterrupt: Ctrl-C,
+    a notebook's stop button) is passed on to it as one SIGINT, its last words are shown, and the stop goes on."""
+    # its own session: the SIGINT that a notebook's stop button sends to the kernel's whole process group would
+    # reach it too, and a second stop makes the trainer stop at once without saving
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _show_output(process)
+    except KeyboardInterrupt:
+        process.send_signal(signal.SIGINT)  # torchrun passes it to each process: they finish the step and save
+        _show_output(process)
+        raise
+    return process.returncode
+
+
+def train_with_torchrun(processes, **args):
+    """train_diffusion(**args) in `processes` processes, one per GPU (Kaggle's "GPU T4 x2"): main.py under torchrun
+    in a subprocess (DistributedDataParallel; torch cannot fork a notebook kernel that has used CUDA), with the
+    images per step kept (split_grad_accum). Its output is shown as it comes. A stop (Ctrl-C, the notebook's stop
+    button) is passed on once: every process finishes its step and the run saves, as in one process. Returns where
+    the results are; the run's own summary is the last lines of its output."""
+    args, note = split_grad_accum(args, processes)
+    cfg = Config.from_args(**args)
+    validate_config(cfg)  # a wrong option: one sentence here, not one per process
+    print(note)
+    main = os.path.join(os.path.dirname(os.path.abspath(__file__)), "main.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), main,
+               *command_line(args)]
+    print("running:", " ".join(command), flush=True)
+    returncode = run_passing_on_a_stop(command)
+    if returncode:
+        raise RuntimeError(f"training in {processes} processes stopped with exit code {returncode}: its "
+                           "messages are above. To train in one process instead: train_diffusion(**args) (in the "
+                           "notebooks, ALL_GPUS = False).")
+    return {"processes": processes, "grad_accum": cfg.grad_accum, "save_folder": cfg.save_folder,
+            "checkpoint": os.path.join(cfg.save_folder, CHECKPOINT_NAME),
+            "metrics": os.path.join(cfg.save_folder, "metrics.csv")}

@@ -53,7 +53,9 @@ def plot_curve(points, ylabel, path, smooth=True):
     plt = pyplot()
     steps, values = zip(*points)
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(steps, values, alpha=0.35 if smooth and len(values) > 20 else 1.0, label=ylabel)
+    # markers while the points are few: a line needs two, and the first FID point alone would draw nothing
+    ax.plot(steps, values, alpha=0.35 if smooth and len(values) > 20 else 1.0, label=ylabel,
+            marker="o" if len(values) <= 30 else None, markersize=4)
     if smooth and len(values) > 20:
         window = max(5, len(values) // 50)
         kernel = np.ones(window) / window

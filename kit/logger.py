@@ -42,9 +42,12 @@ class WandbLogger:
                 print("wandb: --wandb online but no API key is configured; logging offline instead.")
                 mode = "offline"
             self.wandb = wandb
+            # the run id continues the same run on a resume; `resume` only means something to the wandb server
+            # (offline, wandb 0.28 prints "`resume` will be ignored" at every start)
+            resume = {"resume": "allow"} if mode == "online" else {}
             self.run = wandb.init(
                 project=cfg.wandb_project, config=dataclasses.asdict(cfg), dir=cfg.save_folder, mode=mode,
-                id=run_id, resume="allow", settings=wandb.Settings(silent=True, console="off"),
+                id=run_id, settings=wandb.Settings(silent=True, console="off"), **resume,
             )
         except Exception as error:  # noqa: BLE001 - logging must never stop training
             self._disable(error)

@@ -19,6 +19,7 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 from kit.data import make_smoke_data  # noqa: E402
+from utils import command_line as as_flags  # noqa: E402  (main.py's flags for keyword options)
 
 # A hang guard for the processes the tests start, not a speed limit: a loaded machine must not fail a test.
 HANG_GUARD_S = 1800
@@ -65,15 +66,3 @@ def start_main(args, **popen):
     """`python main.py` with these options, started in the background (to signal it or race it)."""
     return subprocess.Popen([sys.executable, os.path.join(REPO, "main.py"), *as_flags(args)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
-
-
-def as_flags(args):
-    flags = []
-    for key, value in args.items():
-        if isinstance(value, bool):
-            flags.append(f"--{key}" if value else f"--no-{key}")
-        elif isinstance(value, (tuple, list)):
-            flags += [f"--{key}", *map(str, value)]
-        else:
-            flags += [f"--{key}", str(value)]
-    return flags

@@ -131,3 +131,15 @@ def test_fid_is_logged_per_milestone(tmp_path, image_folder):
     assert sorted(fids) == [2, 4] and all(np.isfinite(v) and v > 0 for v in fids.values())
     assert summary["fid"] == pytest.approx(fids[4], abs=1e-4)
     assert (tmp_path / "fid.png").is_file()
+
+
+def test_a_single_fid_point_is_drawn(tmp_path):
+    """After the first save the FID curve has one point: it must show (a line alone needs two)."""
+    from PIL import Image
+
+    from kit.figures import write_metrics
+
+    write_metrics(tmp_path, losses=[(99, 0.3), (100, 0.2)], fids=[(100, 57.0)])
+    pixels = np.asarray(Image.open(tmp_path / "fid.png").convert("RGB")).astype(int)
+    matplotlib_blue = np.array([31, 119, 180])  # the curve's colour (C0); axes, ticks and grid are black and gray
+    assert (np.abs(pixels - matplotlib_blue).sum(axis=-1) < 60).sum() > 20, "fid.png shows no point"

@@ -3,6 +3,7 @@ runnable top to bottom in a real Jupyter kernel in their smoke configuration (DD
 no installs, no network), producing every handout figure (7.1-7.5) inline and on disk. Their cells' other
 paths (handout.zip upload, the install plan against Colab's package list, the GPU check, reloading the
 student's code) are run in this process."""
+import csv
 import importlib
 import importlib.metadata
 import importlib.util
@@ -81,6 +82,11 @@ def image_outputs(notebook):
             if output.output_type == "display_data" and "image/png" in output.get("data", {})]
 
 
+def listing(folder):
+    """{path: (size, mtime)} of everything under folder; empty when it does not exist."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
 def execute_smoke(name, repo, tmp_path, monkeypatch, kernel_specs, with_nbconvert=False, data=None):
     """Run the notebook in `repo` (the kernel's working directory) with DDPM_SMOKE=1, through nbclient or through
     the `jupyter nbconvert --execute --to notebook` command itself, and check that every handout figure was
@@ -95,6 +101,7 @@ def execute_smoke(name, repo, tmp_path, monkeypatch, kernel_specs, with_nbconver
     monkeypatch.setenv("WANDB_MODE", "disabled")  # belt and braces: the smoke config disables wandb already
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # CPU torch with 2+ threads crawls on a busy CI machine
     monkeypatch.setenv("MKL_NUM_THREADS", "1")
+    before = listing(repo / "results")  # a run of main.py may have left one: the notebook must not touch it
     start = time.monotonic()
     if with_nbconvert:
         monkeypatch.setenv("JUPYTER_PATH", str(Path(kernel_specs.kernel_dirs[0]).parent))
@@ -118,12 +125,14 @@ def execute_smoke(name, repo, tmp_path, monkeypatch, kernel_specs, with_nbconver
     results = tmp_path / "results"
     for figure in FIGURES:
         assert (results / figure).is_file(), f"{name} did not write {figure} in {results}"
-    assert list((results / "samples").glob("sample-*.png")), f"{name} wrote no sample grid"
+    # the smoke settings' two milestones (a curve of two points), whether the images are real or generated
+    assert sorted(p.name for p in (results / "samples").glob("sample-*.png")) == ["sample-1.png", "sample-2.png"]
+    with open(results / "metrics.csv") as f:
+        fid_steps = [row["step"] for row in csv.DictReader(f) if row["fid"]]
+    assert fid_steps == ["1", "2"], f"{name} scored FID at steps {fid_steps}, not at its two milestones 1 and 2"
     # 7.1 loss, 7.2 FID, 7.3 samples, 7.4 forward, 7.5 backward, all displayed inline
     assert len(image_outputs(notebook)) >= 5, f"{name} displayed fewer than the 5 handout figures inline"
-    assert not (repo / "results").exists() or (repo / "results").stat().st_mtime < start, (
-        f"{name} wrote into the repository's results/ in smoke mode"
-    )
+    assert listing(repo / "results") == before, f"{name} wrote into the repository's results/ in smoke mode"
 
 
 @pytest.mark.parametrize("name", ["run_in_colab.ipynb"])
@@ -134,8 +143,9 @@ def test_notebook_runs_top_to_bottom_in_smoke_mode(name, tmp_path, monkeypatch, 
 
 
 def test_notebook_runs_in_smoke_mode_without_shared_data(tmp_path, monkeypatch, kernel_specs):
-    """In a copy of the repository with no ../shared beside it: the trainer's generated images. Run with the
-    `DDPM_SMOKE=1 jupyter nbconvert --execute --to notebook` command that students and the issue name."""
+    """In a copy of the repository with no ../shared beside it, holding the results/ of an earlier run: the
+    trainer's generated images. Run with the `DDPM_SMOKE=1 jupyter nbconvert --execute --to notebook` command that
+    students and the issue name."""
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                             capture_output=True)
     if listed.returncode:
@@ -146,6 +156,8 @@ def test_notebook_runs_in_smoke_mode_without_shared_data(tmp_path, monkeypatch, 
             (repo / relative).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / relative, repo / relative)
     assert not (repo.parent / "shared").exists()
+    (repo / "results").mkdir(exist_ok=True)  # what `python main.py --smoke` leaves behind in a student's folder
+    (repo / "results" / "metrics.csv").write_text("step,loss,fid\n4,0.9,\n")
     execute_smoke("run_in_kaggle.ipynb", repo, tmp_path / "out", monkeypatch, kernel_specs, with_nbconvert=True)
 
 
@@ -487,6 +499,80 @@ def test_gpu_the_installed_torch_cannot_run_gives_a_message_not_a_crash(name, ou
     out = capsys.readouterr().out
     assert "Cannot train on this machine's GPU: this GPU (Tesla P100, sm_60)" in out
     assert ns["args"]["device"] == "cpu"
+
+
+def test_kaggle_t4_x2_trains_on_both_gpus_with_the_same_images_a_step(tmp_path, monkeypatch, isolated_imports, capsys):
+    """The training cell on a machine with two GPUs: main.py under torchrun, one process per GPU, each taking one
+    micro-batch of 32 (grad_accum 2 / 2) so that a step still takes the handout's 64 images. Run here with two CPU
+    processes (gloo) in the notebook's smoke settings: the cells as they are, only the GPU count stands in."""
+    monkeypatch.setenv("DDPM_SMOKE", "1")
+    monkeypatch.setenv("DDPM_SMOKE_DIR", str(tmp_path))
+    monkeypatch.delenv("DDPM_SMOKE_DATA", raising=False)
+    monkeypatch.chdir(REPO)
+
+    def two_gpus(cell_id, ns):
+        if cell_id == "train":
+            assert ns["GPU_COUNT"] == 1 and ns["ALL_GPUS"]  # this machine's count, replaced by Kaggle's
+            ns["GPU_COUNT"] = 2
+
+    ns = run_cells("run_in_kaggle.ipynb", "parameters", "code", "packages", "data", "train", before=two_gpus)
+    out = capsys.readouterr().out
+    assert "2 processes with grad_accum 1 each: 16 images a step, as in one process with grad_accum 2" in out
+    assert "torch.distributed.run --standalone --nproc_per_node 2" in out and "--grad_accum 1" in out
+    assert ns["summary"]["processes"] == 2 and ns["summary"]["grad_accum"] == 1
+    results = tmp_path / "results"
+    assert sorted(p.name for p in (results / "samples").glob("sample-*.png")) == ["sample-1.png", "sample-2.png"]
+    state = __import__("torch").load(results / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 2 and state["config"]["grad_accum"] == 1
+    assert out.count("checkpoint: ") == 1, "only rank 0 reports"
+
+
+def test_a_stop_reaches_the_training_processes_once(tmp_path, capsys):
+    """The notebook's stop button interrupts the kernel: torchrun gets one SIGINT (it passes it on to the processes,
+    which save), the training's last words are shown, and the cell stops."""
+    import signal
+    import threading
+
+    import utils
+
+    child, ready = tmp_path / "trainer.py", tmp_path / "ready"
+    child.write_text(
+        "import pathlib, signal, sys, time\n"
+        "signals = []\n"
+        "signal.signal(signal.SIGINT, lambda *_: signals.append(1))\n"
+        "print('training', flush=True)\n"
+        f"pathlib.Path({str(ready)!r}).touch()\n"
+        "while not signals:\n"
+        "    time.sleep(0.01)\n"
+        "time.sleep(0.5)  # a second signal would come now\n"
+        "print(f'saved after {len(signals)} stop signal(s)', flush=True)\n")
+
+    def press_stop_once_training():
+        deadline = time.monotonic() + 600  # a hang guard: the child normally starts in well under a second
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    stop = threading.Thread(target=press_stop_once_training)
+    stop.start()
+    with pytest.raises(KeyboardInterrupt):
+        utils.run_passing_on_a_stop([sys.executable, str(child)])
+    stop.join()
+    assert capsys.readouterr().out == "training\nsaved after 1 stop signal(s)\n"
+
+
+def test_images_a_step_are_split_among_processes_only_when_they_divide():
+    import main
+    import utils
+
+    args = {"batch_size": 32, "grad_accum": 4, "save_folder": "/tmp/x", "load_path": None, "unet_dim_mults": (1, 2)}
+    assert utils.split_grad_accum(args, 2)[0]["grad_accum"] == 2 and utils.split_grad_accum(args, 4)[0]["grad_accum"] == 1
+    same, note = utils.split_grad_accum(args, 3)
+    assert same is args and note == ("grad_accum 4 does not divide among 3 processes: each step takes 384 images "
+                                     "instead of 128 (a grad_accum that is a multiple of 3 keeps them)")
+    flags = utils.command_line({**args, "fid": False, "compile": True})
+    parsed = vars(main.build_parser().parse_args(flags))
+    assert utils.Config.from_args(**parsed) == utils.Config.from_args(**{**args, "fid": False, "compile": True})
 
 
 def test_kaggle_recommends_t4_x2_not_p100():

@@ -1,5 +1,6 @@
 """wandb never prompts and never stops training: offline files without a key, disabled on request,
 warnings (not crashes) when it fails, and a resumed run continues the same wandb run."""
+import dataclasses
 import glob
 
 import pytest
@@ -43,6 +44,20 @@ def test_offline_run_writes_files_and_resume_continues_the_same_run(tmp_path, im
     (run_id,) = offline_run_ids(tmp_path)
     utils.train_diffusion(**tiny_args(tmp_path, image_folder, train_steps=4, wandb="auto"))
     assert offline_run_ids(tmp_path) == [run_id, run_id]
+
+
+def test_resume_is_asked_of_the_server_only_online(tmp_path, no_wandb_key, monkeypatch):
+    """wandb 0.28 (Colab's) prints "`resume` will be ignored since W&B syncing is set to `offline`" at every offline
+    start given `resume`: offline runs continue by their id alone; online ones ask the server to resume it."""
+    calls = []
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: calls.append(kwargs))
+    cfg = utils.Config(save_folder=str(tmp_path), wandb="offline")
+    logger.WandbLogger(cfg, "abc123")
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    logger.WandbLogger(dataclasses.replace(cfg, wandb="online"), "abc123")
+    offline, online = calls
+    assert offline["mode"] == "offline" and offline["id"] == "abc123" and "resume" not in offline
+    assert online["mode"] == "online" and online["id"] == "abc123" and online["resume"] == "allow"
 
 
 def test_disabled_writes_nothing(tmp_path, image_folder, no_wandb_key):

@@ -114,8 +114,9 @@ KAGGLE = Platform(
     title="Kaggle",
     how_to_run="""\
 1. **GPU and internet**: in the notebook's *Settings* (right panel) set *Accelerator* to **GPU T4 x2** and
-   turn *Internet on* (needs a phone-verified account). Not the P100: Kaggle's current torch build has no
-   kernels for it (the packages cell says so if you got one). Internet is only needed to install missing
+   turn *Internet on* (needs a phone-verified account). Training runs on both T4s (one process per GPU, each
+   taking half of the 64 images of a step; `ALL_GPUS = False` in the parameters cell trains on one).
+   Not the P100: Kaggle's current torch build has no kernels for it (the packages cell says so if you got one). Internet is only needed to install missing
    packages, to clone `REPO_URL`, to download the data, and for online wandb.
 2. **Your code**, one of:
    - **`handout.zip`**: *Add Input → Upload* it as a dataset (it appears under `/kaggle/input`, read-only;
@@ -214,10 +215,11 @@ args = dict(
     fresh=False,  # True: ignore the checkpoint in save_folder and start over
     seed=0,
 )
+ALL_GPUS = True  # several GPUs (Kaggle's T4 x2): train on each, one process per GPU, 64 images a step as on one
 
 # Headless test mode (the test suite sets DDPM_SMOKE=1): a few CPU steps, no installs, no network, outputs in a
 # temporary folder. Real images from the folder DDPM_SMOKE_DATA names (the tests': the course's 36x36 copy), else
-# generated ones.
+# generated ones (the data cell makes them).
 SMOKE = os.environ.get("DDPM_SMOKE") == "1"
 if SMOKE:
     import tempfile
@@ -229,10 +231,7 @@ if SMOKE:
         fid_num_samples=8, sample_grid_size=4, log_every=1, dataloader_workers=2, device="cpu", wandb="disabled",
         save_folder=os.path.join(smoke_dir, "results"),
     )
-    if smoke_data and os.path.isdir(smoke_data):
-        args["data_path"] = smoke_data
-    else:
-        args["smoke"] = True
+    args["data_path"] = smoke_data if smoke_data and os.path.isdir(smoke_data) else os.path.join(smoke_dir, "data")
     print("smoke mode:", args)'''
 
 CODE = '''\
@@ -483,8 +482,11 @@ except utils.ConfigError as error:
     print(f"Cannot train on this machine's GPU: {error}\\n$gpu_hint. Until then training runs on the CPU "
           "(very slow).")
     args["device"], device = "cpu", torch.device("cpu")
+GPU_COUNT = torch.cuda.device_count() if device.type == "cuda" else 1
 if device.type == "cuda":
-    print("GPU:", torch.cuda.get_device_name(device))
+    print("GPU:", ", ".join(torch.cuda.get_device_name(i) for i in range(GPU_COUNT)))
+    if GPU_COUNT > 1:
+        print(f"training runs on all {GPU_COUNT} GPUs" if ALL_GPUS else "training runs on the first GPU (ALL_GPUS)")
 elif not SMOKE:
     print("No GPU in use: training will be very slow. $gpu_hint.")'''
 
@@ -522,7 +524,11 @@ def afhq_zip(path):
 
 
 if SMOKE:
-    print("smoke mode: data from", "generated images" if args.get("smoke") else args["data_path"])
+    if not ready(args["data_path"]):  # no course images: the kit's generated ones (what main.py --smoke trains on)
+        from kit.data import make_smoke_data
+
+        make_smoke_data(args["data_path"])
+    print("smoke mode: data from", args["data_path"])
 elif ready(args["data_path"]):
     print("data:", args["data_path"])
 else:
@@ -576,7 +582,10 @@ the loss curve (and the FID curve with `fid=True`) are saved every `save_and_sam
 TRAIN = '''\
 utils = reload_homework()  # your diffusion.py as it is on disk now: no runtime restart needed after an edit
 print("options:", args)
-summary = utils.train_diffusion(**args)
+if ALL_GPUS and GPU_COUNT > 1:  # main.py under torchrun, one process per GPU; the stop button saves as usual
+    summary = utils.train_with_torchrun(GPU_COUNT, **args)
+else:
+    summary = utils.train_diffusion(**args)
 summary'''
 
 CURVES = '''\
