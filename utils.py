@@ -291,27 +291,32 @@ def split_grad_accum(args, processes):
                   "keeps them)")
 
 
-def _show_output(process):
-    """Copy the process's output to ours as it comes (progress bars too), until it exits."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    while chunk := os.read(process.stdout.fileno(), 65536):
-        sys.stdout.write(decoder.decode(chunk))
-        sys.stdout.flush()
-    process.wait()
-
-
 def run_passing_on_a_stop(command):
-    """Run `command` with its output shown as it comes; returns its exit code. A stop here (KeyboardInterrupt: Ctrl-C,
-    a notebook's stop button) is passed on to it as one SIGINT, its last words are shown, and the stop goes on."""
+    """Run `command` with its output shown as it comes (progress bars too); returns its exit code. A stop meanwhile
+    (Ctrl-C, a notebook's stop button: SIGINT) is passed on to it as one SIGINT, its last words are shown, then
+    KeyboardInterrupt is raised here; a second stop raises it at once."""
     # its own session: the SIGINT that a notebook's stop button sends to the kernel's whole process group would
-    # reach it too, and a second stop makes the trainer stop at once without saving
+    # reach it too, and a second one makes the trainer stop at once, without saving
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        _show_output(process)
-    except KeyboardInterrupt:
+    stops = []
+
+    def pass_on(signum, frame):  # a handler, not KeyboardInterrupt inside the read: no output is lost
+        stops.append(signum)
+        if len(stops) > 1:
+            raise KeyboardInterrupt
         process.send_signal(signal.SIGINT)  # torchrun passes it to each process: they finish the step and save
-        _show_output(process)
-        raise
+
+    previous = signal.signal(signal.SIGINT, pass_on)
+    try:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        while chunk := os.read(process.stdout.fileno(), 65536):
+            sys.stdout.write(decoder.decode(chunk))
+            sys.stdout.flush()
+        process.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if stops:
+        raise KeyboardInterrupt
     return process.returncode
 
 
