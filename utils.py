@@ -327,8 +327,7 @@ def train_with_torchrun(processes, **args):
     button) is passed on once: every process finishes its step and the run saves, as in one process. Returns where
     the results are; the run's own summary is the last lines of its output."""
     args, note = split_grad_accum(args, processes)
-    cfg = Config.from_args(**args)
-    validate_config(cfg)  # a wrong option: one sentence here, not one per process
+    cfg = checked_config(args)  # a wrong option: one sentence here, not one per process
     print(note)
     main = os.path.join(os.path.dirname(os.path.abspath(__file__)), "main.py")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), main,
