@@ -293,27 +293,32 @@ def split_grad_accum(args, processes):
                   "keeps them)")
 
 
-def _show_output(process):
-    """Copy the process's output to ours as it comes (progress bars too), until it exits."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    while chunk := os.read(process.stdout.fileno(), 65536):
-        sys.stdout.write(decoder.decode(chunk))
-        sys.stdout.flush()
-    process.wait()
-
-
 def run_passing_on_a_stop(command):
-    """Run `command` with its output shown as it comes; returns its exit code. A stop here (KeyboardInterrupt: Ctrl-C,
-    a notebook's stop button) is passed on to it as one SIGINT, its last words are shown, and the stop goes on."""
+    """Run `command` with its output shown as it comes (progress bars too); returns its exit code. A stop meanwhile
+    (Ctrl-C, a notebook's stop button: SIGINT) is passed on to it as one SIGINT, its last words are shown, then
+    KeyboardInterrupt is raised here; a second stop raises it at once."""
     # its own session: the SIGINT that a notebook's stop button sends to the kernel's whole process group would
-    # reach it too, and a second stop makes the trainer stop at once without saving
+    # reach it too, and a second one makes the trainer stop at once, without saving
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        _show_output(process)
-    except KeyboardInterrupt:
+    stops = []
+
+    def pass_on(signum, frame):  # a handler, not KeyboardInterrupt inside the read: no output is lost
+        stops.append(signum)
+        if len(stops) > 1:
+            raise KeyboardInterrupt
         process.send_signal(signal.SIGINT)  # torchrun passes it to each process: they finish the step and save
-        _show_output(process)
-        raise
+
+    previous = signal.signal(signal.SIGINT, pass_on)
+    try:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        while chunk := os.read(process.stdout.fileno(), 65536):
+            sys.stdout.write(decoder.decode(chunk))
+            sys.stdout.flush()
+        process.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if stops:
+        raise KeyboardInterrupt
     return process.returncode
 
 
@@ -324,8 +329,7 @@ def train_with_torchrun(processes, **args):
     button) is passed on once: every process finishes its step and the run saves, as in one process. Returns where
     the results are; the run's own summary is the last lines of its output."""
     args, note = split_grad_accum(args, processes)
-    cfg = Config.from_args(**args)
-    validate_config(cfg)  # a wrong option: one sentence here, not one per process
+    cfg = checked_config(args)  # a wrong option: one sentence here, not one per process
     print(note)
     main = os.path.join(os.path.dirname(os.path.abspath(__file__)), "main.py")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), main,
