@@ -2,6 +2,7 @@
 fused Adam, DistributedDataParallel set-up."""
 import contextlib
 import datetime
+import inspect
 import os
 import random
 import re
@@ -108,7 +109,11 @@ def distributed(model, device):
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return model
     device_ids = [device.index] if device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    # the buffers (the schedule) never change, so no per-step buffer sync; torch 2.13 renamed the option
+    ddp = torch.nn.parallel.DistributedDataParallel
+    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                      else {"broadcast_buffers": False})
+    return ddp(model, device_ids=device_ids, **no_buffer_sync)
 
 
 def read_back(pending, world_size):
