@@ -83,7 +83,7 @@ def test_zip_layout(tmp_path):
         modes = {i.filename: (i.external_attr >> 16) & 0o777 for i in z.infolist()}
         setup = z.read("setup.sh").decode()
     assert {"setup.sh", "run_autograder", "grader.py", "trusted_judge.py", "probe_worker.py", "manifest.json",
-            "test_diffusion.py", "reference/diffusion.py", "mutation_test.py"} <= names
+            "test_diffusion.py", "grading.py", "reference/diffusion.py", "mutation_test.py"} <= names
     assert not any(n.startswith(("tools/", "tests/", "test_fixtures")) or "alt_solutions" in n for n in names)
     assert modes["run_autograder"] & 0o111 and modes["setup.sh"] & 0o111
     assert "download.pytorch.org/whl/cpu" in setup and "pytest-timeout" in setup
@@ -136,7 +136,9 @@ def test_stand_ins_cover_the_course_packages_and_the_handout_files(tmp_path):
     for name in set(wanted) - on_grader:
         provides = {m for m, dists in modules.items() if any(d.lower() == name.lower() for d in dists)}
         assert provides & grading_worker.STAND_INS, (name, provides)
-    handout = {n[:-3] for n in os.listdir(REPO) if n.endswith(".py")} - {"diffusion", "test_diffusion", "conftest"}
+    # the grader's own files are in the student's folder (grading.py is imported before the submission)
+    handout = {n[:-3] for n in os.listdir(REPO) if n.endswith(".py")} - {"diffusion", "test_diffusion", "grading",
+                                                                         "conftest"}
     assert handout | {"kit"} <= grading_worker.STAND_INS
 
 

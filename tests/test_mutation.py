@@ -67,14 +67,16 @@ def _failing_checks(module, params, keep):
     """{check name: message} of the graded checks `keep(check)` selects that `module` fails at `params`, judged
     in-process against the reference (tests/conftest.py puts the repository on sys.path)."""
     import diffusion as reference
+    import grading
     import test_diffusion as td
 
     failing = {}
     for chk in td.CHECKS:
         if keep(chk):
             requests = chk.requests(params)
-            expected = [_REFERENCE_OUTPUTS.setdefault(td.request_key(r), td.run_request(reference, r)) for r in requests]
-            passed, message = chk.judge([td.run_request(module, r) for r in requests], expected, params)
+            expected = [_REFERENCE_OUTPUTS.setdefault(grading.request_key(r), grading.run_request(reference, r))
+                        for r in requests]
+            passed, message = chk.judge([grading.run_request(module, r) for r in requests], expected, params)
             if not passed:
                 failing[chk.name] = message
     return failing
@@ -88,11 +90,12 @@ FLOAT32_HARD_DRAWS = [(1082, 208262283477808), (1088, 33501588962945), (1069, 92
 def test_a_float32_schedule_passes_the_p_sample_checks_at_secret_draws():
     import random
 
+    import grading
     import test_diffusion as td
 
     float32 = _module("float32_algorithm2", _alternative_source("float32_algorithm2"))
     draws = [{"T": {"small": 50, "large": T}, "mid": {"small": 25, "large": 2}, "seed": seed}
-             for T, seed in FLOAT32_HARD_DRAWS] + [td.draw_params(random.Random(k)) for k in range(6)]
+             for T, seed in FLOAT32_HARD_DRAWS] + [grading.draw_params(random.Random(k)) for k in range(6)]
     names = ("p_sample_matches_reference-large_T", "p_sample_mean_at_every_step-large_T")
     assert sum(c.name.startswith(names) for c in td.CHECKS) == 5
     failed = []
@@ -126,7 +129,7 @@ RANDN_VARIANTS = {
 def test_noise_from_torch_randn_costs_only_the_noise_like_check(function, k):
     """Right math with the noise from torch.randn loses the one check that says where the noise must come from,
     not the value checks (they are judged on what torch.randn gives after the grader's seed)."""
-    import test_diffusion as td
+    import grading
 
     source = (_alternative_source("float32_algorithm2") if function == "p_sample_float32_schedule"
               else mutation_test.reference_source())
@@ -137,7 +140,7 @@ def test_noise_from_torch_randn_costs_only_the_noise_like_check(function, k):
     function = function.replace("_float32_schedule", "")
     expected_failure = {"p_sample": "p_sample_noise_comes_from_noise_like",
                         "sample": "sample_draws_start_with_noise_like"}[function]
-    for params in (td.LOCAL_PARAMS, {"T": {"small": 70, "large": 800}, "mid": {"small": 3, "large": 2}, "seed": 5}):
+    for params in (grading.LOCAL_PARAMS, {"T": {"small": 70, "large": 800}, "mid": {"small": 3, "large": 2}, "seed": 5}):
         # p_sample_loop's checks run p_sample as a stand-in or its own chain: only the function's own checks
         failed = list(_failing_checks(variant, params, lambda c: c.function == function))
         assert failed == [expected_failure], (params["T"], failed)
@@ -150,13 +153,13 @@ def test_noise_from_torch_randn_excuses_no_math_error(error):
     with torch.randn against 93.8)."""
     import random
 
-    import test_diffusion as td
+    import grading
 
     source = mutation_test.reference_source()
     last_step = "        if t_index == 0:\n            return mean  #"
     assert source.count(last_step) == 1
     source = source.replace(last_step, f"        {error}\n{last_step}")
-    for params in (td.LOCAL_PARAMS, td.draw_params(random.Random(1))):
+    for params in (grading.LOCAL_PARAMS, grading.draw_params(random.Random(1))):
         failing = {}
         for label, edit in (("noise_like", None), ("randn", ("self.noise_like(x.shape, x.device)", "torch.randn_like(x)"))):
             variant = _module(f"off_{label}", source.replace(*edit) if edit else source)
@@ -169,8 +172,8 @@ def test_the_float32_allowance_is_finite_and_small_at_every_step():
     stays the plain 1e-3 (a hole there would pass wrong math)."""
     import torch
 
-    import test_diffusion as td
+    import grading
 
     for T in (20, 120, 600, 1100):
-        rtol = td.schedule_rtol(T)
+        rtol = grading.schedule_rtol(T)
         assert bool(torch.isfinite(rtol).all()) and float(rtol.max()) < 6e-3 and float(rtol.median()) < 1.2e-3, T

@@ -56,7 +56,7 @@ import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PUBLIC_FILES = ["test_diffusion.py", "probe_worker.py"]  # what the student's process gets next to diffusion.py
+PUBLIC_FILES = ["test_diffusion.py", "grading.py", "probe_worker.py"]  # what the student's process gets next to diffusion.py
 MAX_SOURCE = 1 << 20
 MAX_PROTOCOL = 8 << 20  # a correct submission sends about 1.5 MB at the largest T
 MAX_LINE = 4 << 20

@@ -21,7 +21,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, "reference"), HERE]
 
-import test_diffusion as td  # noqa: E402 - imports reference/diffusion.py as `diffusion`
+import grading  # noqa: E402 - the checks' machinery (probes, comparison, runner)
+import test_diffusion as td  # noqa: E402 - the graded checks; imports reference/diffusion.py as `diffusion`
 
 HINT_BUDGET_S = float(os.environ.get("GRADER_HINT_BUDGET", "30"))
 
@@ -32,10 +33,10 @@ def plain(data):
 
 def plan():
     fixed = os.environ.get("GRADER_FIXED_SEED")  # tests only (the grader notes say so); never set on Gradescope
-    params = td.draw_params(random.Random(int(fixed) if fixed else secrets.randbits(128)))
-    per_check, distinct = td.requests_of(params)
-    reference = {key: plain(td.run_request(td.diffusion, r)) for key, r in distinct.items()
-                 if r["probe"] not in td.NO_REFERENCE}
+    params = grading.draw_params(random.Random(int(fixed) if fixed else secrets.randbits(128)))
+    per_check, distinct = grading.requests_of(td.CHECKS, params)
+    reference = {key: plain(grading.run_request(td.diffusion, r)) for key, r in distinct.items()
+                 if r["probe"] not in grading.NO_REFERENCE}
     return {"params": params, "per_check": per_check, "requests": distinct, "reference": reference}
 
 
@@ -44,18 +45,18 @@ def judge(data):
     student, missing = data["student"], data.get("missing", {})
     results, failing, failing_all = {}, [], []
     for chk in td.CHECKS:
-        keys = [td.request_key(r) for r in per_check[chk.name]]
+        keys = [grading.request_key(r) for r in per_check[chk.name]]
         lost = [missing[k] for k in keys if k in missing]
         if lost:
             results[chk.name] = [False, lost[0]]
             continue
         got = [student.get(k, {"error": "no output"}) for k in keys]
         ref = [reference.get(k, {}) for k in keys]
-        results[chk.name] = list(td.judge_check(chk, got, ref, params))
+        results[chk.name] = list(grading.judge_check(chk, got, ref, params))
         if not results[chk.name][0]:
             failing_all.append((chk, got, ref))
         # known-mistake hints where the student produced numbers; the small-T checks suffice (a mistake shows there too)
-        if not results[chk.name][0] and "large_T" not in chk.name and td.primary_values(chk, got) is not None:
+        if not results[chk.name][0] and "large_T" not in chk.name and grading.primary_values(chk, got) is not None:
             failing.append((chk, got, ref))
     notes = []
     try:  # isolation of q_sample and p_sample from the schedule: autograder only (locally there is no reference to re-run)
@@ -92,13 +93,14 @@ def own_schedule_module(stored, T):
     values = {}
     for s in stored if isinstance(stored, list) else []:
         if isinstance(s, dict) and isinstance(s.get("values"), list) and len(s["values"]) == T:
-            v = td.tensor_of({"shape": [T], "values": s["values"]})
+            v = grading.tensor_of({"shape": [T], "values": s["values"]})
             if v is not None and torch.isfinite(v).all():
                 values[str(s.get("name"))] = v.float()
     reference = td.diffusion.Diffusion
-    buffers = {n: b.double() for n, b in reference(td.TinyEps(1), image_size=1, channels=1, timesteps=T).named_buffers()
+    model = grading.TinyEps(1)
+    buffers = {n: b.double() for n, b in reference(model, image_size=1, channels=1, timesteps=T).named_buffers()
                if not n.startswith("model.")}
-    differing = [n for n in buffers if n in values and not td.close_relative(values[n].double(), buffers[n])]
+    differing = [n for n in buffers if n in values and not grading.close_relative(values[n].double(), buffers[n])]
     if not differing:
         return None
     for name in differing:
@@ -109,7 +111,7 @@ def own_schedule_module(stored, T):
             return None
         # a decoy: the reference's values kept under another name while the reference's name holds something
         # else; the functions need not use the buffer under the reference's name, so no re-judging on it
-        if any(other != name and td.close_relative(values[other].double(), buffers[name]) for other in values):
+        if any(other != name and grading.close_relative(values[other].double(), buffers[name]) for other in values):
             return None
 
     class OwnSchedule(reference):
@@ -143,8 +145,8 @@ def on_own_schedule(results, failing_all, params, per_check, student):
         if modules[T] is None:
             continue
         module, differing = modules[T]
-        own_ref = [plain(td.run_request(module, r)) for r in requests]
-        passed, _ = td.judge_check(chk, got, own_ref, params)
+        own_ref = [plain(grading.run_request(module, r)) for r in requests]
+        passed, _ = grading.judge_check(chk, got, own_ref, params)
         if passed:
             results[chk.name] = [True, f"{chk.function} is right for the schedule your __init__ computes "
                                        f"({', '.join('self.' + n for n in differing)} differ from the reference's); "
@@ -183,11 +185,11 @@ def hints(failing, params, per_check, reference, results, deadline):
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
             mutants.append((i, m.function, module))
-        rows = td.mistake_rows([c for c, _, _ in failing], params, reference, mutants, per_check, deadline)
+        rows = grading.mistake_rows([c for c, _, _ in failing], params, reference, mutants, per_check, deadline)
     hint_texts = [m.hint for m in mutation_catalogue.MUTANTS]
     for chk, got, ref in failing:
         if chk.name in rows:
-            results[chk.name] = list(td.judge_check(chk, got, ref, params, rows[chk.name], hint_texts))
+            results[chk.name] = list(grading.judge_check(chk, got, ref, params, rows[chk.name], hint_texts))
     return [] if time.time() < deadline else ["known-mistake hints stopped at their time budget"]
 
 

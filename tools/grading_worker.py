@@ -1,9 +1,9 @@
 """The autograder's student-side process (shipped in autograder.zip as probe_worker.py).
 
 Started by grader.py as an unprivileged throwaway user, in a folder holding only the submission's diffusion.py
-and the public test_diffusion.py. It only computes: it reads the probe requests (inputs drawn by the grader at
-grading time) as JSON from stdin, says "ready" once torch is imported (before any student code runs), imports
-the submission, runs each probe and writes one JSON line of plain numbers per request to its original stdout.
+and the public test_diffusion.py and grading.py (the probes). It only computes: it reads the probe requests
+(inputs drawn by the grader at grading time) as JSON from stdin, says "ready" once torch is imported (before any
+student code runs), imports the probes, then the submission, runs each probe and writes one JSON line of plain numbers per request to its original stdout.
 Its stdout and stderr otherwise go to a size-limited log. Nothing here is trusted: the grader judges the numbers
 in another process, against the reference solution this process cannot read.
 """
@@ -104,6 +104,8 @@ def main():
 
     torch.set_num_threads(1)
     protocol.write(json.dumps({"ready": True}) + "\n")
+    import grading  # the probes; imported before the submission, which then cannot put a module of its own there
+
     stand_ins = StandInFinder()
     sys.meta_path.insert(0, stand_ins)
     try:
@@ -113,12 +115,10 @@ def main():
         protocol.write(json.dumps({"import_error": text}) + "\n")
         protocol.flush()
         os._exit(0)
-    import test_diffusion as td
-
     protocol.write(json.dumps({"imported": True, "stand_ins": sorted(stand_ins.used)}) + "\n")
     protocol.flush()
     for index, request in requests:
-        out = td.run_request(diffusion, request)
+        out = grading.run_request(diffusion, request)
         try:
             line = json.dumps({"i": index, "out": out})
         except (TypeError, ValueError) as exc:

@@ -9,7 +9,8 @@ Zip layout (Gradescope's format, everything at the top level; Gradescope unpacks
   grader.py             tools/autograder_runner.py (the orchestration, the sandbox; see its docstring)
   trusted_judge.py      tools/grading_trusted.py (draws the secret inputs, runs the reference, judges; root only)
   probe_worker.py       tools/grading_worker.py (the only process that runs student code, unprivileged)
-  test_diffusion.py     the probes and judges (the same file students run locally)
+  test_diffusion.py     the graded checks and their judges (the same file students run locally)
+  grading.py            the checks' machinery: probes, stand-ins, comparison, runner (also the students')
   reference/diffusion.py the reference solution (root-only at grading time)
   mutation_test.py      the mutant catalogue (known-mistake hints)
   manifest.json         every graded check with its function and max_score (POINTS split evenly per function)
@@ -104,6 +105,7 @@ def build(out):
         add_file(z, "tools/grading_worker.py", "probe_worker.py")
         add_file(z, "tools/mutation_test.py", "mutation_test.py")
         add_file(z, "test_diffusion.py", "test_diffusion.py")
+        add_file(z, "grading.py", "grading.py")
         add_file(z, "diffusion.py", "reference/diffusion.py")
         add_text(z, "manifest.json", json.dumps(manifest, indent=1))
     return manifest

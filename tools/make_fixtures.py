@@ -2,9 +2,9 @@
 
     python tools/make_fixtures.py            # from the repository root, with the reference diffusion.py
 
-Run it after changing the reference diffusion.py, the checks in test_diffusion.py (CHECKS, PROBES), the mutant
-catalogue in tools/mutation_test.py (its hints end up in the fixture), or the pinned torch version. Then run
-`python tools/mutation_test.py` and commit the fixture.
+Run it after changing the reference diffusion.py, the checks in test_diffusion.py (CHECKS) or their machinery in
+grading.py (PROBES), the mutant catalogue in tools/mutation_test.py (its hints end up in the fixture), or the pinned
+torch version. Then run `python tools/mutation_test.py` and commit the fixture.
 
 The fixture serves local `pytest test_diffusion.py` only (it ships with the handout, so students can read it:
 it only holds the reference's outputs for the fixed LOCAL_PARAMS). The autograder never reads it: it draws
@@ -30,6 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
+import grading  # noqa: E402
 import mutation_test  # noqa: E402
 import test_diffusion as td  # noqa: E402
 
@@ -50,31 +51,31 @@ def plain(data):
 
 def main():
     source = mutation_test.reference_source()
-    params = td.LOCAL_PARAMS
-    per_check, distinct = td.requests_of(params)
+    params = grading.LOCAL_PARAMS
+    per_check, distinct = grading.requests_of(td.CHECKS, params)
     with tempfile.TemporaryDirectory() as folder:
         reference = load_module(source, "diffusion_reference_solution", folder)
         outputs = {}
         for key, request in distinct.items():
-            if request["probe"] in td.NO_REFERENCE:
+            if request["probe"] in grading.NO_REFERENCE:
                 continue
-            outputs[key] = plain(td.run_request(reference, request))
+            outputs[key] = plain(grading.run_request(reference, request))
         for chk in td.CHECKS:  # the reference must pass its own checks
-            refs = [outputs.get(td.request_key(r), {}) for r in per_check[chk.name]]
-            got = [plain(td.run_request(reference, r)) for r in per_check[chk.name]]
-            passed, message = td.judge_check(chk, got, refs, params)
+            refs = [outputs.get(grading.request_key(r), {}) for r in per_check[chk.name]]
+            got = [plain(grading.run_request(reference, r)) for r in per_check[chk.name]]
+            passed, message = grading.judge_check(chk, got, refs, params)
             assert passed, f"the reference fails {chk.name}: {message}"
         mutants = [(i, m.function, load_module(mutation_test.apply(source, m), f"diffusion_mutant_{i}", folder))
                    for i, m in enumerate(mutation_test.MUTANTS)]
-        rows = td.mistake_rows(td.CHECKS, params, outputs, mutants, per_check)
+        rows = grading.mistake_rows(td.CHECKS, params, outputs, mutants, per_check)
     for name, found in rows.items():
         print(f"{name:<60} {len(found):>2} distinct mistakes")
-    data = {"format": 2, "torch_version": torch.__version__.split("+")[0], "rng_check": td.randn((6,), 12345).tolist(),
+    data = {"format": 2, "torch_version": torch.__version__.split("+")[0], "rng_check": grading.randn((6,), 12345).tolist(),
             "hints": [m.hint for m in mutation_test.MUTANTS], "outputs": outputs, "mistakes": rows}
-    os.makedirs(os.path.dirname(td.FIXTURE_PATH), exist_ok=True)
-    with open(td.FIXTURE_PATH, "w") as f:
+    os.makedirs(os.path.dirname(grading.FIXTURE_PATH), exist_ok=True)
+    with open(grading.FIXTURE_PATH, "w") as f:
         json.dump(data, f, separators=(",", ":"))
-    print(f"wrote {os.path.relpath(td.FIXTURE_PATH, ROOT)} ({os.path.getsize(td.FIXTURE_PATH) / 1024:.0f} KiB)")
+    print(f"wrote {os.path.relpath(grading.FIXTURE_PATH, ROOT)} ({os.path.getsize(grading.FIXTURE_PATH) / 1024:.0f} KiB)")
 
 
 if __name__ == "__main__":

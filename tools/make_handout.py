@@ -8,7 +8,8 @@ What goes in:
   * diffusion.py with every `# BEGIN SOLUTION` ... `# END SOLUTION` region replaced by a TODO stub that
     raises NotImplementedError naming the method and the handout equation to implement;
   * the other student files, unchanged, where they exist (STUDENT_FILES);
-  * test_diffusion.py, conftest.py (prints the score) and test_fixtures/ (the reference values);
+  * test_diffusion.py (the graded checks), grading.py (their machinery), conftest.py (prints the score) and
+    test_fixtures/ (the reference values);
   * a pytest.ini of its own that only collects test_diffusion.py;
   * README.md rendered for students (render_readme): README.md is one source with two renderings. In it,
       <!-- instructors-only --> ... <!-- /instructors-only -->   is left out of the handout (whole lines or
@@ -30,12 +31,12 @@ import zipfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 STUDENT_FILES = [
-    "unet.py", "trainer.py", "utils.py", "main.py", "test_diffusion.py", "conftest.py",
+    "unet.py", "trainer.py", "utils.py", "main.py", "test_diffusion.py", "grading.py", "conftest.py",
     "requirements.txt", "run_in_colab.ipynb", "run_in_kaggle.ipynb", "README.md", "data/README.md",
     "data/prepare_afhq.py",
 ]
 STUDENT_FOLDERS = ["kit", "test_fixtures", "docs"]  # kit: the trainer's machinery; docs: the figures README.md shows
-REQUIRED = ["diffusion.py", "unet.py", "test_diffusion.py", "conftest.py", "test_fixtures"]
+REQUIRED = ["diffusion.py", "unet.py", "test_diffusion.py", "grading.py", "conftest.py", "test_fixtures"]
 RENDERED = {"README.md": "render_readme"}  # copied, then rewritten for students
 
 # no `timeout =`: pytest-timeout is not in the student's requirements.txt (an unknown option would warn)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALT_DIR = os.path.join(ROOT, "tools", "alt_solutions")
 # what a test run needs next to the diffusion.py under test
-TEST_FILES = ["test_diffusion.py", "conftest.py", "unet.py", "test_fixtures"]
+TEST_FILES = ["test_diffusion.py", "grading.py", "conftest.py", "unet.py", "test_fixtures"]
 
 
 @dataclass
@@ -309,7 +309,7 @@ def _run_in_process(work, stop_at_first_failure):
     """One pytest session in this process on `work`: the previous run's modules are dropped first."""
     import pytest
 
-    for module in ("diffusion", "test_diffusion", "conftest", "unet"):
+    for module in ("diffusion", "test_diffusion", "grading", "conftest", "unet"):
         sys.modules.pop(module, None)
     collect = _Collect()
     # unraisableexception runs gc.collect() twice per session (~0.5 s with torch loaded)
