@@ -8,8 +8,10 @@ Never runs student code. Two commands, JSON in on stdin, JSON out on stdout:
   judge   given the plan and the student's outputs (plain numbers), judges every check with the judges of
           test_diffusion.py and, for failing checks, looks for the known mistake (the mutant catalogue run on
           the same inputs, within a time budget): {"results": {check: [passed, message]}, "notes": [...]}.
-          A failing q_sample or p_sample check is re-judged against the reference run with the schedule buffers the
-          student's __init__ stored (same names as the reference's), so a schedule bug costs only the schedule.
+          The student's outputs are first cut to the shape the probes give them (admitted), so the judge's time
+          and memory do not grow with what the student's process sends. A failing q_sample or p_sample check is
+          re-judged against the reference run with the schedule the student's __init__ stored, if that is a
+          schedule (own_schedule), so an alpha_bar bug costs only the schedule.
 """
 import json
 import os
@@ -91,7 +93,7 @@ def admitted(output, reference, T):
             return data[:MAX_TEXT]
         if data is None or isinstance(data, (bool, int, float)):
             return data
-        if depth >= MAX_DEPTH or not isinstance(data, (list, dict)):
+        if depth >= MAX_DEPTH:
             return None
         if isinstance(data, list):
             if key == "values":  # numbers only (tensor_of reads anything else as nan)
@@ -111,8 +113,8 @@ def admitted(output, reference, T):
     try:
         return walk(output, 0)
     except TooLarge:
-        return {"error": f"This output could not be judged: your code's probe sent more than the grader reads "
-                         f"({size_of(reference)} items are expected here). Was test_diffusion.py changed?"}
+        return {"error": f"This output could not be judged: your code sent more for this probe than the probes "
+                         f"ever send (about {size_of(reference)} items are expected here)."}
 
 
 def judge(data):
@@ -277,14 +279,14 @@ def on_own_schedule(results, failing_all, params, per_check, student):
     p_sample's. Every table the reference then reads holds values in [0, 1.02] (what one alpha_bar implies, within
     float32_tolerance), so its outputs, and the tolerances scaled by them, are as large as the reference's own."""
     notes, schedules, blamed = [], {}, {}
-    size_of = {T: size for size, T in params["T"].items()}
+    size_at = {T: size for size, T in params["T"].items()}
     for chk, got, ref in failing_all:
         if chk.function not in ("q_sample", "p_sample") or results[chk.name][0]:
             continue
         requests = per_check[chk.name]
         T = requests[0]["args"]["T"]
         if T not in schedules:
-            record = student.get(grading.request_key(td.schedule_req(params, size_of[T])))
+            record = student.get(grading.request_key(td.schedule_req(params, size_at[T])))
             schedules[T] = own_schedule(record.get("stored"), T) if isinstance(record, dict) else None
         if schedules[T] is None:
             continue
@@ -300,7 +302,7 @@ def on_own_schedule(results, failing_all, params, per_check, student):
     for T, names in blamed.items():
         for name in sorted(names):
             group = BUFFER_GROUPS[name]
-            check = f"schedule_{group}-{size_of[T]}_T"
+            check = f"schedule_{group}-{size_at[T]}_T"
             if results[check][0]:
                 results[check] = [False, f"self.{name} differs from the reference's {name} (T={T}); your q_sample / "
                                          "p_sample use it as it is, so the mistake is counted here, in the schedule."]
