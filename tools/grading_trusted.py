@@ -13,6 +13,7 @@ Never runs student code. Two commands, JSON in on stdin, JSON out on stdout:
           re-judged against the reference run with the schedule the student's __init__ stored, if that is a
           schedule (own_schedule), so an alpha_bar bug costs only the schedule.
 """
+import itertools
 import json
 import os
 import random
@@ -100,8 +101,8 @@ def admitted(output, reference, T):
                 spend(len(data))
                 return [v if type(v) in (int, float) else None for v in data]
             if key == "stored":
-                data = [s for s in data if isinstance(s, dict) and isinstance(s.get("values"), list)
-                        and len(s["values"]) in (T, T + 1)][:MAX_STORED]
+                data = list(itertools.islice((s for s in data if isinstance(s, dict) and isinstance(s.get("values"), list)
+                                              and len(s["values"]) in (T, T + 1)), MAX_STORED))
             return [walk(v, depth + 1) for v in data[:3 * T + 3]]
         out = {}
         for k, v in list(data.items())[:MAX_KEYS]:
