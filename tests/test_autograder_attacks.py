@@ -672,17 +672,20 @@ def test_padding_does_not_change_the_verdicts_and_is_cut_before_judging():
     assert {k: v[0] for k, v in results.items()} == {k: v[0] for k, v in _judged(honest).items()}
 
 
-def test_known_mistake_hints_stop_at_their_budget():
-    """The budget is checked before every run of a mutant's probe, so a slow probe cannot carry the hints past it."""
+def test_known_mistake_hints_stop_at_their_budget(monkeypatch):
+    """The budget is checked before every probe run of a mutant, so a slow one cannot carry the hints past it (a
+    check before each mutant let all of a mutant's runs start late). On a clock that each run moves by a second."""
     per_check, _, reference = _plan()
-    runs = []
+    clock = [0.0]
 
-    class Counting(types.ModuleType):
-        def __getattr__(self, name):
-            runs.append(name)
-            raise AttributeError(name)
+    class Slow:
+        class Diffusion:
+            def __init__(self, *args, **kwargs):
+                clock[0] += 1
+                raise RuntimeError("a slow mutant")
 
-    chk = next(c for c in td.CHECKS if c.name == "q_sample_matches_reference-small_T")
-    rows = grading.mistake_rows([chk], PARAMS, reference, [(0, "q_sample", Counting("mutant"))], per_check,
-                                deadline=time.time() - 1)
-    assert rows == {} and runs == []
+    monkeypatch.setattr(grading, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    chk = next(c for c in td.CHECKS if c.name == "q_sample_matches_reference-small_T")  # two probe runs
+    assert len(chk.requests(PARAMS)) == 2
+    rows = grading.mistake_rows([chk], PARAMS, reference, [(0, "q_sample", Slow)], per_check, deadline=0.5)
+    assert rows == {} and clock[0] == 1
