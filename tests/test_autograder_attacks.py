@@ -253,26 +253,23 @@ Diffusion.__init__, Diffusion.q_sample, Diffusion.p_sample = (_init_with_decoy, 
                                                               _p_sample_on_true_values)
 ''')
 
-# cheating only while graded: the grader's stand-in modules give it away, and then the file stores crafted schedule
-# buffers (sqrt_alphas_cumprod = sqrt(alpha_t), which makes the x_0 / sqrt(alpha_t) of this p_sample "right"; a
-# posterior coefficient of 1e39, inf in float32, which made every tolerance infinite) while its functions run on the
-# true values, kept as plain lists (so no stored tensor is a decoy); and it pads what the schedule probe reports.
-# Without the grader it is the wrong-math submission; with it, it must score exactly that too
+# cheating only while graded: the grader's stand-in modules give it away, and then the file stores a crafted schedule
+# buffer (sqrt_alphas_cumprod = sqrt(alpha_t), which makes the x_0 / sqrt(alpha_t) of this p_sample "right") while
+# its functions run on the true values, kept as plain lists (so no stored tensor is a decoy), and it pads what the
+# schedule probe reports. Without the grader it is the wrong-math submission; with it, it must score exactly that too
+# (the judge before issue 15 gave it 79.71 where the wrong-math submission has 74.77, and took 27 s to judge it)
 GRADED_ONLY = attack(r'''
 try:
     import wandb as _wandb  # on the grader, an inert stand-in
     _GRADED = "grader stand-in" in repr(_wandb)
 except ImportError:
     _GRADED = False
-_CRAFTED = ("sqrt_alphas_cumprod", "posterior_mean_coef_x0")
+_CRAFTED = ("sqrt_alphas_cumprod",)
 _plain_init, _plain_q_sample, _plain_p_sample = Diffusion.__init__, Diffusion.q_sample, Diffusion.p_sample
 def _init_crafted(self, *args, **kwargs):
     _plain_init(self, *args, **kwargs)
     self._true = {n: getattr(self, n).tolist() for n in _CRAFTED}
     self.sqrt_alphas_cumprod = self.alphas.sqrt()
-    coef = self.posterior_mean_coef_x0.double()
-    coef[1] = 1e39
-    self.posterior_mean_coef_x0 = coef
 def _on_true_values(function):
     def run(self, x, t, *args):
         crafted = {n: getattr(self, n) for n in _CRAFTED}
