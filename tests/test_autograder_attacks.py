@@ -60,24 +60,25 @@ for _text in _SOURCES:  # a reference solution: use its Diffusion instead of our
         Diffusion = _module.Diffusion
         break
 # predicting the inputs: the local fixture's numbers and seeds (embedded), answered by request key
-import grading as _td  # the probes and the runner (test_diffusion.py holds the checks)
-_LOCAL = _td.LOCAL_PARAMS
-_td.draw_params = lambda rng: _LOCAL  # has no effect: the inputs are drawn in another process
-_real_run = _td.run_request
+import grading as _grading
+_LOCAL = _grading.LOCAL_PARAMS
+_grading.draw_params = lambda rng: _LOCAL  # has no effect: the inputs are drawn in another process
+_real_run = _grading.run_request
 _FIXTURE = {fixture}
 def _answer(mod, request):
-    key = _td.request_key(request)
+    key = _grading.request_key(request)
     return _FIXTURE.get(key) or _real_run(mod, request)
-_td.run_request = _answer
+_grading.run_request = _answer
 ''')
 
 # changing the judge from inside the judged process
 PATCH_THE_JUDGE = attack(r'''
 import builtins as _builtins, gc as _gc, sys as _sys, torch as _torch
 import grading as _grading, test_diffusion as _td
-_grading.judge_check = lambda *a, **k: (True, "")
-_grading.compare = _td.compare = lambda *a, **k: None
-_grading.close = _td.close = lambda *a, **k: True
+for _module in (_grading, _td):
+    _module.judge_check = lambda *a, **k: (True, "")
+    _module.compare = lambda *a, **k: None
+    _module.close = lambda *a, **k: True
 _td.CHECKS[:] = []
 _torch.allclose = lambda *a, **k: True
 _torch.equal = lambda *a, **k: True
