@@ -500,8 +500,10 @@ CRAFTED = {
     "coefficient_1e39": ("wrong_math", lambda b: {**b, "posterior_mean_coef_x0": 1e39 + 0 * b["alphas"]}),
     "coefficient_1e30_at_one_step": ("wrong_math", lambda b: {
         **b, "posterior_mean_coef_x0": _one_step(b["posterior_mean_coef_x0"], 1e30)}),
-    "coefficient_inf": ("wrong_math", lambda b: {**b, "posterior_mean_coef_x0": _one_step(b["posterior_mean_coef_x0"], math.inf)}),
-    "coefficient_nan": ("wrong_math", lambda b: {**b, "posterior_mean_coef_x0": _one_step(b["posterior_mean_coef_x0"], math.nan)}),
+    "coefficient_inf": ("wrong_math", lambda b: {
+        **b, "posterior_mean_coef_x0": _one_step(b["posterior_mean_coef_x0"], math.inf)}),
+    "coefficient_nan": ("wrong_math", lambda b: {
+        **b, "posterior_mean_coef_x0": _one_step(b["posterior_mean_coef_x0"], math.nan)}),
     "coefficient_huge_negative": ("wrong_math", lambda b: {
         **b, "posterior_mean_coef_x0": _one_step(b["posterior_mean_coef_x0"], -1e30)}),
     # degenerate schedules, consistent in themselves
@@ -597,11 +599,15 @@ def test_a_degenerate_alpha_bar_is_not_the_students_own_in_local_pytest_either()
     """A q_sample that returns x_0 is not "right for the alpha_bar your Diffusion stores" when that alpha_bar is a
     constant 1 (the red team's +10), nor one that is flat up to the last step; a real alpha_bar still is."""
     T = PARAMS["T"]["large"]
-    ones, flat = torch.ones(T, dtype=torch.float64), CRAFTED["flat_but_the_last_step"][1](_true_buffers(T))["alphas_cumprod"]
+    ones = torch.ones(T, dtype=torch.float64)
+    flat = CRAFTED["flat_but_the_last_step"][1](_true_buffers(T))["alphas_cumprod"]
+
+    def candidates(values):
+        return [n for n, _ in grading.alpha_bar_candidates({"stored": [{"name": "a", "values": values.tolist()}]}, T)]
+
     for candidate in (ones, flat, torch.zeros(T, dtype=torch.float64), flat.flip(0)):
-        assert grading.alpha_bar_candidates({"stored": [{"name": "my_alpha_bar", "values": candidate.tolist()}]}, T) == []
-    ab = _true_buffers(T)["alphas_cumprod"]
-    assert "a^2" in [n for n, _ in grading.alpha_bar_candidates({"stored": [{"name": "a", "values": ab.sqrt().tolist()}]}, T)]
+        assert candidates(candidate) == []
+    assert "a^2" in candidates(_true_buffers(T)["alphas_cumprod"].sqrt())
     for candidate in (ones, flat):  # through the q_sample check: exactly the score without the stored candidate
         student = _storing(FUNCTIONS["returns_its_input"], lambda b: {"my_alpha_bar": candidate})
         honest = _storing(FUNCTIONS["returns_its_input"], lambda b: {})
@@ -633,9 +639,9 @@ def test_a_noise_check_is_not_scaled_by_the_students_outliers():
     """p_sample with a little torch.randn noise fails the noise_like check; one huge value in its output used to
     scale that check's tolerance (max |output|) until it passed."""
     step = "        return mean + sigma * self.noise_like(x.shape, x.device)\n"
-    noisy = _source((step, "        return mean + sigma * self.noise_like(x.shape, x.device) + 0.01 * torch.randn_like(x)\n"))
-    outlier = _source((step, "        out = mean + sigma * self.noise_like(x.shape, x.device) + 0.01 * torch.randn_like(x)\n"
-                             "        out.view(-1)[0] = 1e5\n        return out\n"))
+    noisy_step = "        out = mean + sigma * self.noise_like(x.shape, x.device) + 0.01 * torch.randn_like(x)\n"
+    noisy = _source((step, noisy_step + "        return out\n"))
+    outlier = _source((step, noisy_step + "        out.view(-1)[0] = 1e5\n        return out\n"))
     chk = next(c for c in td.CHECKS if c.name == "p_sample_noise_comes_from_noise_like")
     for source in (noisy, outlier):
         module = types.ModuleType("submission")
@@ -662,7 +668,8 @@ def test_padding_does_not_change_the_verdicts_and_is_cut_before_judging():
     per_check, _, reference = _plan()
     for key, out in padded.items():
         admitted = grading_trusted.admitted(out, reference.get(key, {}), json.loads(key)["args"]["T"])
-        assert grading_trusted.size_of(admitted) <= 4 * grading_trusted.size_of(reference.get(key, {})) + 64 * (96 + 2) + 20_000
+        most = 4 * grading_trusted.size_of(reference.get(key, {})) + 64 * (PARAMS["T"]["large"] + 2) + 20_000
+        assert grading_trusted.size_of(admitted) <= most
         assert len(admitted.get("stored", [])) <= grading_trusted.MAX_STORED and "values" not in admitted.get("big", {})
     started = time.process_time()
     results = _judged(padded)

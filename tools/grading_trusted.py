@@ -101,8 +101,9 @@ def admitted(output, reference, T):
                 spend(len(data))
                 return [v if type(v) in (int, float) else None for v in data]
             if key == "stored":
-                data = list(itertools.islice((s for s in data if isinstance(s, dict) and isinstance(s.get("values"), list)
-                                              and len(s["values"]) in (T, T + 1)), MAX_STORED))
+                tensors = (s for s in data if isinstance(s, dict) and isinstance(s.get("values"), list)
+                           and len(s["values"]) in (T, T + 1))
+                data = list(itertools.islice(tensors, MAX_STORED))
             return [walk(v, depth + 1) for v in data[:3 * T + 3]]
         out = {}
         for k, v in list(data.items())[:MAX_KEYS]:
@@ -204,7 +205,8 @@ def own_schedule(stored, T):
     else, and the reference's own values kept under another name while the reference's name holds something else
     (a decoy: the functions need not read the buffer under the reference's name)."""
     model = grading.TinyEps(1)
-    reference = {n: b.double() for n, b in td.diffusion.Diffusion(model, image_size=1, channels=1, timesteps=T).named_buffers()
+    reference = {n: b.double() for n, b in td.diffusion.Diffusion(model, image_size=1, channels=1,
+                                                                    timesteps=T).named_buffers()
                  if not n.startswith("model.")}
     kept, tables = [], {}
     for s in stored if isinstance(stored, list) else []:
