@@ -87,7 +87,7 @@ class NoiseFeed:
         self.calls = []
         self.draws = []
 
-    def __call__(self, shape, device=None, *args, **kwargs):
+    def __call__(self, shape, device, *args, **kwargs):  # device is required, as in the handout's noise_like
         shape = tuple(int(s) for s in shape)
         self.calls.append((list(shape), None if device is None else str(torch.device(device).type)))
         draw = torch.full(shape, float(self.value)) if self.value is not None else torch.randn(shape, generator=self.generator)
@@ -100,7 +100,7 @@ class GlobalNoise:
     torch.randn / randn_like instead of noise_like draws after the same torch.manual_seed. Lets the value checks
     judge such code's math (the noise_like checks still fail it)."""
 
-    def __call__(self, shape, device=None, *args, **kwargs):
+    def __call__(self, shape, device, *args, **kwargs):
         return torch.randn(tuple(int(s) for s in shape), device=device)
 
 
@@ -294,36 +294,37 @@ def probe_schedule(mod, T, x, eps):
     out["sqrt_alpha_bar"] = err or record(a)
     b, err = attempt("q_sample(x_0=0, t, noise=1)", d.q_sample, torch.zeros(T, 1, 1, 1), torch.arange(T), torch.ones(T, 1, 1, 1))
     out["sqrt_one_minus_alpha_bar"] = err or record(b)
-    # eps = 0 and x_t = 0 make x0_hat = 0 and the mean 0, so with z = 1 the step returns sigma_t
-    d0, err = attempt("Diffusion(...)", new, mod, T, ConstEps(0.0), 1, 1)
-    sigma = []
-    for i in range(1, T):
-        if err:
-            break
-        d0.noise_like = NoiseFeed(value=1.0)
-        s, err = attempt(f"p_sample(x=0, t={i}, t_index={i}) with eps=0 and noise 1", d0.p_sample,
-                         torch.zeros(1, 1, 1, 1), torch.full((1,), i, dtype=torch.long), i)
-        if err is None:
-            sigma.append(torch.as_tensor(s).reshape(-1)[:1])
-    out["sigma"] = err or record(torch.cat(sigma) if sigma else torch.zeros(0))
-    # no noise (z = 0): the step returns the posterior mean; two x_t values per step
-    dm, err = attempt("Diffusion(...)", new, mod, T, ConstEps(eps), 1, 1)
-    xs = torch.tensor(x, dtype=torch.float32).view(2, 1, 1, 1)
-    feeds = [NoiseFeed(value=0.0), GlobalNoise()]  # the second: noise as torch.randn draws it after the same seed
-    for key, feed in zip(("mean", "mean_global_noise"), feeds):
-        mean = []
-        for i in range(T):
-            if err:
-                break
-            dm.noise_like = feed
-            torch.default_generator.manual_seed(i)  # torch.manual_seed also seeds every accelerator: 100x slower
-            m, err = attempt(f"p_sample(x, t={i}, t_index={i}) with eps={eps:.3g} and noise 0", dm.p_sample, xs,
-                             torch.full((2,), i, dtype=torch.long), i)
-            if err is None:
-                mean.append(torch.as_tensor(m).reshape(-1)[:2])
-        out[key] = err or record(torch.stack(mean) if mean else torch.zeros(0))
-    out["mean_noise_like_calls"] = len(feeds[0].calls)
+    # eps = 0 and x_t = 0 make x0_hat = 0 and the mean 0, so with z = 1 the step returns sigma_t; without noise
+    # (z = 0) the step returns the posterior mean (two x_t values per step). The second feed of each: noise as
+    # torch.randn draws it after torch's generator is seeded with the step (for a p_sample that calls torch.randn).
+    zero, pair = torch.zeros(1, 1, 1, 1), torch.tensor(x, dtype=torch.float32).view(2, 1, 1, 1)
+    readings = [("sigma", 0.0, zero, range(1, T), NoiseFeed(value=1.0), "noise 1"),
+                ("sigma_global_noise", 0.0, zero, range(1, T), GlobalNoise(), "torch.randn noise"),
+                ("mean", eps, pair, range(T), NoiseFeed(value=0.0), "noise 0"),
+                ("mean_global_noise", eps, pair, range(T), GlobalNoise(), "torch.randn noise")]
+    for key, eps_value, x_t, indices, feed, noise in readings:
+        d, err = attempt("Diffusion(...)", new, mod, T, ConstEps(eps_value), 1, 1)
+        what = f"p_sample(x, t={{i}}, t_index={{i}}) with eps={eps_value:.3g} and {noise}"
+        out[key] = err or every_step(d, x_t, indices, feed, what)
+        if isinstance(feed, NoiseFeed):
+            out[key + "_noise_like_calls"] = len(feed.calls)
     return out
+
+
+def every_step(d, x_t, indices, feed, what):
+    """p_sample(x_t, t, t_index) at each t_index of `indices`, noise_like = feed, torch's generator seeded with the
+    step: the outputs' first len(x_t) values, one row per step; or the first error."""
+    rows = []
+    for i in indices:
+        d.noise_like = feed
+        torch.default_generator.manual_seed(i)  # torch.manual_seed also seeds every accelerator: 100x slower
+        out, err = attempt(what.format(i=i), d.p_sample, x_t, torch.full((len(x_t),), i, dtype=torch.long), i)
+        if err:
+            return err
+        rows.append(torch.as_tensor(out).reshape(-1)[:len(x_t)])
+        if rows[-1].numel() != len(x_t):
+            return {"error": f"{what.format(i=i)} returned {rows[-1].numel()} values for {len(x_t)} images."}
+    return record(torch.stack(rows) if rows else torch.zeros(0))
 
 
 def probe_device(mod, T):
@@ -754,20 +755,32 @@ def close_relative(got, target, rtol=1e-2):
     return bool(((got - target).abs() <= rtol * target.abs() + 1e-12).all())
 
 
+def stored_tables(got, T):
+    """[(name, [aligned values])] of the tensors the instance stores (probe_schedule's "stored"): a tensor of T
+    values as it is, one of T+1 values without its first or without its last (either may be the extra step)."""
+    tables = []
+    for s in got.get("stored", [])[:64] if isinstance(got.get("stored"), list) else []:
+        v = tensor_of({"shape": [len(s["values"])], "values": s["values"]}) if (  # other lengths: no schedule
+            isinstance(s, dict) and isinstance(s.get("values"), list) and len(s["values"]) in (T, T + 1)) else None
+        if v is not None:
+            tables.append((str(s.get("name"))[:60], [v] if v.numel() == T else [v[1:], v[:-1]]))
+    return tables
+
+
+def matches(candidate, target):
+    """A stored table equals a quantity, relative to each value, where the quantity is finite."""
+    ok = torch.isfinite(target)
+    return bool(ok.any()) and candidate.shape == target.shape and close_relative(candidate[ok], target[ok])
+
+
 def stored_match(got, targets, T):
     """(student tensor name, quantity name) of the first stored tensor that equals one of `targets` by value
     (relative to each value, so a difference at tiny values, e.g. alpha_bar near t = T, shows)."""
-    for s in got.get("stored", []) if isinstance(got.get("stored"), list) else []:
-        if not isinstance(s, dict):
-            continue
-        v = tensor_of({"shape": [len(s.get("values", []))], "values": s.get("values")}) if isinstance(s.get("values"), list) else None
-        if v is None:
-            continue
-        for candidate in ([v] if v.numel() == T else [v[1:], v[:-1]]):
+    for table, candidates in stored_tables(got, T):
+        for candidate in candidates:
             for name, target in targets.items():
-                ok = torch.isfinite(target)
-                if ok.any() and candidate.shape == target.shape and close_relative(candidate[ok], target[ok]):
-                    return str(s.get("name"))[:60], name
+                if matches(candidate, target):
+                    return table, name
     return None
 
 
@@ -816,15 +829,49 @@ def alpha_bar_candidates(got, T):
     """Stored tensors (cast to float32, as code runs on them) that are an alpha_bar (alpha_bar_problem), or whose
     square is: the student's own alpha_bar, or its square root."""
     out = []
-    for s in got.get("stored", []) if isinstance(got.get("stored"), list) else []:
-        v = tensor_of({"shape": [len(s.get("values", []))], "values": s.get("values")}) if isinstance(s, dict) and isinstance(s.get("values"), list) else None
-        if v is None:
-            continue
-        v, name = v.float().double(), str(s.get("name"))[:60]
-        for c in ([v] if v.numel() == T else [v[1:], v[:-1]]):
+    for name, candidates in stored_tables(got, T):
+        for c in candidates:
+            c = c.float().double()
             if c.numel() == T:
                 out += [(n, ab) for n, ab in ((name, c), (name + "^2", c * c)) if alpha_bar_problem(ab) is None]
     return out
+
+
+# ------------------------------------------------------------------ each mistake charged once (tools/GRADING.md)
+def known_quantities(ref):
+    """Every correct per-step quantity a Diffusion may keep: reference_quantities' and the forms of alpha_t,
+    beta_t and alpha_bar_{t-1} real submissions keep (Algorithm 2's 1/sqrt(alpha_t) and eps coefficient, ...)."""
+    q = reference_quantities(ref)
+    alphas, ab, ab_prev = q["alphas"]["alphas"], q["alpha_bar"]["alphas_cumprod"], q["posterior_mean"]["alphas_cumprod_prev"]
+    known = {name: value for group in q.values() for name, value in group.items()}
+    known.update(sqrt_alphas=alphas.sqrt(), sqrt_recip_alphas=alphas.rsqrt(), sqrt_betas=(1 - alphas).sqrt(),
+                 log_alphas=alphas.log(), log_betas=(1 - alphas).log(), eps_coefficient=(1 - alphas) / (1 - ab).sqrt(),
+                 one_minus_alphas_cumprod_prev=1 - ab_prev, sqrt_one_minus_alphas_cumprod_prev=(1 - ab_prev).sqrt(),
+                 posterior_log_variance=q["posterior_variance"]["posterior_variance"].log())
+    return known
+
+
+def unexplained_tables(got, ref, T):
+    """Names of the stored tables that hold no correct quantity of known_quantities (by value), or that are named
+    like one of the reference's buffers and do not hold its values: what __init__ computed wrong (or something
+    the grader does not know)."""
+    known = known_quantities(ref)
+    own_name = {s["name"]: torch.tensor(s["values"], dtype=torch.float64) for s in ref.get("stored", [])}
+    return [name for name, candidates in stored_tables(got, T)
+            if not any(matches(c, own_name[name]) if name in own_name else any(matches(c, k) for k in known.values())
+                       for c in candidates)]
+
+
+def stored_alpha_bar(got, ref, T):
+    """The name of a stored table that determines alpha_bar_t exactly at both ends (alpha_bar, its square root or
+    1/sqrt, with 1 - alpha_bar also right relative to each value), or None."""
+    ab = reference_quantities(ref)["alpha_bar"]["alphas_cumprod"]
+    for name, candidates in stored_tables(got, T):
+        for c in candidates:
+            for alpha_bar in (c, c * c, 1 / (c * c)):
+                if matches(alpha_bar, ab) and matches(1 - alpha_bar, 1 - ab):
+                    return name
+    return None
 
 
 # ------------------------------------------------------------------ running checks

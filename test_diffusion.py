@@ -36,8 +36,8 @@ import torch
 import diffusion
 from grading import (CHANNELS, IMAGE_SIZE, SIZES, Check, alpha_bar_candidates, both_routes, close, compare, error_of,
                      first_error, float32_rounding, image, noisy_output_allowance, p_losses_inputs, reference_quantities,
-                     req, run_locally, schedule_rtol, seed_of, step_labels, steps, storage_match, tensor_of,
-                     tolerance_scale, uniform)
+                     req, run_locally, schedule_rtol, seed_of, step_labels, steps, storage_match, stored_alpha_bar,
+                     tensor_of, tolerance_scale, unexplained_tables, uniform)
 
 # ---------------------------------------------------------------------------------------------------
 # Points per graded function (100 in all). Partial credit: points * (checks passed / checks of that function).
@@ -107,10 +107,30 @@ def judge_schedule(group, got, ref, T):
         problems.append(problem)
     if not problems:
         return True, ""
+    elsewhere = graded_in_the_functions(group, got, ref, T)
+    if elsewhere:
+        return True, elsewhere
     names = [str(s.get("name"))[:40] for s in got.get("stored", []) if isinstance(s, dict)]
     stored = (f"None of the tensors your Diffusion keeps ({', '.join(names[:12]) or 'none'}) holds {title} of the "
               "reference schedule, and your functions do not reveal it either:\n")
     return False, stored + "\n".join(problems)
+
+
+def graded_in_the_functions(group, got, ref, T):
+    """Each mistake is charged once, to the function whose own code is wrong: the schedule checks grade what
+    __init__ stores. When it stores a correct alpha_bar_t and nothing wrong, 1 - alpha_bar_t is that alpha_bar's,
+    and a posterior it does not store is p_sample's to compute, graded by p_sample's own checks (its outputs, its
+    mean and its sigma_t at every step): the group passes here whatever p_sample does, unless p_sample is still
+    the TODO (then nothing computes the posterior). The message of such a pass, or None."""
+    alpha_bar = stored_alpha_bar(got, ref, T)
+    if alpha_bar is None or unexplained_tables(got, ref, T):
+        return None
+    if group == "alpha_bar":
+        return f"your Diffusion holds alpha_bar_t (self.{alpha_bar}), which also gives 1 - alpha_bar_t"
+    if any(isinstance(got.get(key), dict) and "todo" in got[key] for key in ("sigma", "mean")):
+        return None
+    return (f"your Diffusion stores a correct alpha_bar_t (self.{alpha_bar}) and not {SCHEDULE_GROUPS[group][0]}: "
+            "p_sample computes it, and p_sample's checks grade it")
 
 
 for _size in SIZES:
@@ -434,23 +454,28 @@ for _size in SIZES:
               functools.partial(lambda p, s, w: [ps_req(p, s, w)], s=_size, w=_which),
               primary=lambda got: got[0].get("out"))(_judge)
 
-    def _judge_mean(got, ref, p, _size=_size):
-        T = p["T"][_size]
-        rec = got[0]
-        problem = first_error(rec) if "stored" not in rec else None
-        what = (f"the posterior mean, read as p_sample(x, t, t_index) with a constant eps and noise_like -> 0, for "
-                f"every t_index in 0..{T - 1} (T={T}, eq. 18-19)")
-        rtol = schedule_rtol(T).view(-1, 1)
-        problem = problem or compare(what, rec.get("mean"), ref[0].get("mean"), rtol=rtol, atol=1e-6, labels=step_labels(T))
-        allowance = noisy_output_allowance(ref[0].get("mean_global_noise"), ref[0].get("mean"), rtol,
-                                           float32_rounding(T).view(-1, 1), relative_to_mean=True)
-        if problem and rec.get("mean_noise_like_calls") == 0 and compare(
-                what, rec.get("mean"), ref[0].get("mean_global_noise"), rtol=0, atol=1e-6, slack=allowance) is None:
-            return True, NOISE_ELSEWHERE
-        return problem is None, problem or ""
+    for _name, _key, _start, _what in (
+            ("mean", "mean", 0, "the posterior mean, read as p_sample(x, t, t_index) with a constant eps and noise_like -> 0"),
+            ("std", "sigma", 1, "sigma_t, read as p_sample(x=0, t, t_index) with eps=0 and noise_like -> 1")):
+        def _judge_every_step(got, ref, p, _size=_size, key=_key, start=_start, what=_what):
+            T = p["T"][_size]
+            rec = got[0]
+            what = f"{what}, for every t_index in {start}..{T - 1} (T={T}, eq. 18-19)"
+            rtol = schedule_rtol(T)[start:].view(-1, 1)
+            problem = first_error(rec) if "stored" not in rec else None
+            problem = problem or compare(what, rec.get(key), ref[0].get(key), rtol=rtol, atol=1e-6,
+                                         labels=step_labels(T, start))
+            # the same step with torch.randn noise: the mean's noise-free output is the mean itself
+            allowance = noisy_output_allowance(ref[0].get(key + "_global_noise"), ref[0].get(key) if key == "mean" else None,
+                                               rtol, float32_rounding(T)[start:].view(-1, 1), relative_to_mean=True)
+            if problem and rec.get(key + "_noise_like_calls") == 0 and compare(
+                    what, rec.get(key), ref[0].get(key + "_global_noise"), rtol=0, atol=1e-6, slack=allowance) is None:
+                return True, NOISE_ELSEWHERE
+            return problem is None, problem or ""
 
-    check(f"p_sample_mean_at_every_step-{_size}_T", "p_sample",
-          functools.partial(lambda p, s: [schedule_req(p, s)], s=_size), primary=lambda got: got[0].get("mean"))(_judge_mean)
+        check(f"p_sample_{_name}_at_every_step-{_size}_T", "p_sample",
+              functools.partial(lambda p, s: [schedule_req(p, s)], s=_size),
+              primary=functools.partial(lambda got, key: got[0].get(key), key=_key))(_judge_every_step)
 
 
 @check("p_sample_noise_comes_from_noise_like", "p_sample",

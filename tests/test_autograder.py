@@ -88,7 +88,7 @@ def test_zip_layout(tmp_path):
     assert modes["run_autograder"] & 0o111 and modes["setup.sh"] & 0o111
     assert "download.pytorch.org/whl/cpu" in setup and "pytest-timeout" in setup
     assert abs(sum(t["max_score"] for t in manifest["tests"]) - 100) < 1e-9
-    assert len(manifest["tests"]) == 41
+    assert len(manifest["tests"]) == 43
 
 
 def test_reference_and_alternative_solutions_get_full_score(graded):

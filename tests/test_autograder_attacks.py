@@ -421,7 +421,7 @@ def test_no_unprivileged_interpreter_means_refusal_not_root(results):
     assert result["score"] == 0
     assert "REFUSED" in result["output"] and "never run as root" in result["output"]
     assert not os.path.exists(f"/tmp/ran-as-root-{tag}"), "the submission ran although the grader refused"
-    assert "refused" in hidden(result) and len(visible(result)) == 41
+    assert "refused" in hidden(result) and len(visible(result)) == 43
 
 
 # ================================================================== the trusted judge, in process

@@ -60,6 +60,66 @@ RANDINT = "t = torch.randint(0, self.num_timesteps, (b,), device=x_0.device).lon
 LOOP = "for t_index in reversed(range(self.num_timesteps)):"
 STEP = "img = self.p_sample(img, t, t_index)"
 LOOP_RETURN = "return unnormalize_to_zero_to_one(img.clamp(-1.0, 1.0))"
+# About half of real submissions store only alpha_t and alpha-bar_t and compute the rest where they use it: these
+# edits turn the reference into that organisation (tools/alt_solutions/posterior_in_p_sample.py, which must stay
+# equal to it: tests/test_fairness.py); the *_on_the_fly mutants are bugs of it (each charged to its own function).
+ON_THE_FLY = [
+    ("""        # Schedule in float64 (eq. 14), stored as float32 buffers so it follows .to(device).
+        alphas = cosine_schedule(self.num_timesteps)
+        # cumprod of the *clipped* alphas, so alpha-bar stays > 0 at t = T
+        alphas_cumprod = torch.cumprod(alphas, dim=0)
+        alphas_cumprod_prev = F.pad(alphas_cumprod[:-1], (1, 0), value=1.0)  # alpha-bar_{t-1}, alpha-bar_0 = 1
+
+        def register(name, value):
+            self.register_buffer(name, value.to(torch.float32))
+
+        register("alphas", alphas)
+        register("alphas_cumprod", alphas_cumprod)
+        register("alphas_cumprod_prev", alphas_cumprod_prev)
+        # q(x_t | x_0) (eq. 13)
+        register("sqrt_alphas_cumprod", torch.sqrt(alphas_cumprod))
+        register("sqrt_one_minus_alphas_cumprod", torch.sqrt(1.0 - alphas_cumprod))
+        # posterior q(x_{t-1} | x_t, x_0): mean coefficients and variance (eq. 18)
+        register("posterior_mean_coef_x0", torch.sqrt(alphas_cumprod_prev) * (1.0 - alphas) / (1.0 - alphas_cumprod))
+        register("posterior_mean_coef_xt", torch.sqrt(alphas) * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod))
+        register("posterior_variance", (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod) * (1.0 - alphas))
+""", """        alphas = cosine_schedule(self.num_timesteps)
+        self.register_buffer("alphas", alphas.to(torch.float32))
+        self.register_buffer("alphas_cumprod", torch.cumprod(alphas, dim=0).to(torch.float32))
+"""),
+    ("""        eps = self.model(x, t)
+        # eq. 19: x_0 = (x_t - sqrt(1 - alpha-bar_t) eps) / sqrt(alpha-bar_t), clipped to the data range
+        x_0 = (x - extract(self.sqrt_one_minus_alphas_cumprod, t, x.shape) * eps) / extract(
+            self.sqrt_alphas_cumprod, t, x.shape
+        )
+        x_0 = x_0.clamp(-1.0, 1.0)
+        # eq. 18: posterior mean
+        mean = extract(self.posterior_mean_coef_xt, t, x.shape) * x + extract(self.posterior_mean_coef_x0, t, x.shape) * x_0
+        if t_index == 0:
+            return mean  # the last step (t = 1) adds no noise
+        # eq. 18: sigma_t^2 = (1 - alpha-bar_{t-1}) / (1 - alpha-bar_t) * (1 - alpha_t)
+        sigma = torch.sqrt(extract(self.posterior_variance, t, x.shape))
+""", """        alpha_t = extract(self.alphas, t, x.shape)
+        alpha_bar_t = extract(self.alphas_cumprod, t, x.shape)
+        alpha_bar_prev = extract(F.pad(self.alphas_cumprod[:-1], (1, 0), value=1.0), t, x.shape)
+        eps = self.model(x, t)
+        x_0 = ((x - torch.sqrt(1 - alpha_bar_t) * eps) / torch.sqrt(alpha_bar_t)).clamp(-1.0, 1.0)
+        mean = (torch.sqrt(alpha_t) * (1 - alpha_bar_prev) * x + torch.sqrt(alpha_bar_prev) * (1 - alpha_t) * x_0) / (
+            1 - alpha_bar_t
+        )
+        if t_index == 0:
+            return mean
+        sigma = torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_t))
+"""),
+    ("""        return (
+            extract(self.sqrt_alphas_cumprod, t, x_0.shape) * x_0
+            + extract(self.sqrt_one_minus_alphas_cumprod, t, x_0.shape) * noise
+        )
+""", """        alpha_bar_t = extract(self.alphas_cumprod, t, x_0.shape)
+        return torch.sqrt(alpha_bar_t) * x_0 + torch.sqrt(1 - alpha_bar_t) * noise
+"""),
+]
+NOISE_STEP = "return mean + sigma * self.noise_like(x.shape, x.device)"
 
 MUTANTS = [
     # ---------------------------------------------------------------- schedule (__init__ and the given schedule helper)
@@ -137,6 +197,16 @@ MUTANTS = [
       [(Q_X0, "extract(self.sqrt_alphas_cumprod, t[:1].expand_as(t), x_0.shape) * x_0"),
        (Q_NOISE, "+ extract(self.sqrt_one_minus_alphas_cumprod, t[:1].expand_as(t), x_0.shape) * noise")],
       "Every image got the first image's t: use each image's own t[i]."),
+    M("q_sample_first_t_for_batch_on_the_fly", "q_sample",
+      ON_THE_FLY + [("alpha_bar_t = extract(self.alphas_cumprod, t, x_0.shape)", "alpha_bar_t = self.alphas_cumprod[t[0]]")],
+      "Every image got the first image's t: use each image's own t[i]."),
+    M("q_sample_extract_four_arguments", "q_sample",
+      [(Q_X0, "extract(self.sqrt_alphas_cumprod, t, x_0.shape, x_0.device) * x_0")],
+      "extract takes three arguments (a, t, x_shape); the result is on a's device already."),
+    M("q_sample_extract_four_arguments_on_the_fly", "q_sample",
+      ON_THE_FLY + [("alpha_bar_t = extract(self.alphas_cumprod, t, x_0.shape)",
+                     "alpha_bar_t = extract(self.alphas_cumprod, t, x_0.shape, x_0.device)")],
+      "extract takes three arguments (a, t, x_shape); the result is on a's device already."),
     # ---------------------------------------------------------------- p_losses
     M("p_losses_mse", "p_losses",
       [("F.l1_loss(predicted_noise, noise)", "F.mse_loss(predicted_noise, noise)")],
@@ -216,6 +286,36 @@ MUTANTS = [
       [(MEAN, "mean = extract(self.posterior_mean_coef_xt, t, x.shape) * x_0 + "
               "extract(self.posterior_mean_coef_x0, t, x.shape) * x")],
       "x_t and the x_0 estimate look swapped in the posterior mean (eq. 18)."),
+    # real submissions' p_sample bugs, in both organisations: each costs p_sample's points only (and the device
+    # check where p_sample raises), wherever the posterior is computed
+    M("p_sample_x0_hat_plus_noise", "p_sample",
+      [("            return mean  # the last step (t = 1) adds no noise\n", "            return x_0\n"),
+       (NOISE_STEP, "return x_0 + extract(self.sqrt_one_minus_alphas_cumprod, t, x.shape) * self.noise_like(x.shape, x.device)")],
+      "p_sample returned the x_0 estimate plus sqrt(1 - alpha_bar_t) z; x_(t-1) is the posterior mean plus sigma_t z (eq. 18)."),
+    M("p_sample_x0_hat_plus_noise_on_the_fly", "p_sample",
+      ON_THE_FLY + [("            return mean\n", "            return x_0\n"),
+                    (NOISE_STEP, "return x_0 + torch.sqrt(1 - alpha_bar_t) * self.noise_like(x.shape, x.device)")],
+      "p_sample returned the x_0 estimate plus sqrt(1 - alpha_bar_t) z; x_(t-1) is the posterior mean plus sigma_t z (eq. 18)."),
+    M("p_sample_missing_multiplication", "p_sample",
+      [(MEAN, "mean = extract(self.posterior_mean_coef_xt, t, x.shape) * x + "
+              "extract(self.posterior_mean_coef_x0, t, x.shape) (x_0)")],
+      "A `*` is missing in the posterior mean: `coefficient (x_0)` calls the tensor instead of multiplying."),
+    M("p_sample_missing_multiplication_on_the_fly", "p_sample",
+      ON_THE_FLY + [("torch.sqrt(alpha_bar_prev) * (1 - alpha_t) * x_0", "torch.sqrt(alpha_bar_prev) * (1 - alpha_t) (x_0)")],
+      "A `*` is missing in the posterior mean: `coefficient (x_0)` calls the tensor instead of multiplying."),
+    M("p_sample_noise_like_one_argument", "p_sample",
+      [(NOISE_STEP, "return mean + sigma * self.noise_like(x.shape)")],
+      "noise_like takes the shape and the device: self.noise_like(x.shape, x.device)."),
+    M("p_sample_noise_like_one_argument_on_the_fly", "p_sample",
+      ON_THE_FLY + [(NOISE_STEP, "return mean + sigma * self.noise_like(x.shape)")],
+      "noise_like takes the shape and the device: self.noise_like(x.shape, x.device)."),
+    M("p_sample_extract_four_arguments", "p_sample",
+      [("x_0 = (x - extract(self.sqrt_one_minus_alphas_cumprod, t, x.shape) * eps)",
+        "x_0 = (x - extract(self.sqrt_one_minus_alphas_cumprod, t, x.shape, x.device) * eps)")],
+      "extract takes three arguments (a, t, x_shape); the result is on a's device already."),
+    M("p_sample_extract_four_arguments_on_the_fly", "p_sample",
+      ON_THE_FLY + [("alpha_t = extract(self.alphas, t, x.shape)", "alpha_t = extract(self.alphas, t, x.shape, x.device)")],
+      "extract takes three arguments (a, t, x_shape); the result is on a's device already."),
     # ---------------------------------------------------------------- p_sample_loop
     M("loop_ascending", "p_sample_loop", [(LOOP, "for t_index in range(self.num_timesteps):")],
       "The loop runs upward; Algorithm 2 goes from t = T down to 1."),
@@ -256,6 +356,8 @@ MUTANTS = [
       "The images were unnormalized twice: p_sample_loop already returns [0, 1]."),
     M("sample_no_device", "sample", [("img = self.noise_like(shape, device)", "img = self.noise_like(shape, None)")],
       "x_T was drawn without a device; pass the module's device."),
+    M("sample_reads_model_device", "sample", [("device = self.alphas_cumprod.device", "device = self.model.device")],
+      "A U-Net has no .device attribute: take the device of one of your buffers, or next(self.model.parameters()).device."),
     M("sample_from_zeros", "sample", [("img = self.noise_like(shape, device)", "img = torch.zeros(shape, device=device)")],
       "Sampling must start from pure noise x_T ~ N(0, I), not zeros."),
 ]
