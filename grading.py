@@ -354,7 +354,7 @@ def probe_q_sample(mod, T, seed):
     if err:
         return {"init": err}
     out, err = attempt(f"q_sample(x_0, t={t.tolist()}, noise)", d.q_sample, x_0, t, noise)
-    result = {"out": err or record(out), "stored": stored_vectors(d, T)}
+    result = {"out": err or record(out)}
     shapes = []
     for batch in (1, 7):
         o, err = attempt("q_sample", d.q_sample, image(batch, seed, kind=uniform), torch.arange(batch) % T, image(batch, seed))
@@ -583,12 +583,21 @@ def first_error(*recs):
     return None
 
 
-def close(got, expected, rtol=1e-3, atol=1e-5, slack=0.0):
-    """|got - expected| <= atol * scale + rtol * |expected| + slack, everywhere (slack: an allowance per value)."""
+def close(got, expected, rtol=1e-3, atol=1e-5, slack=0.0, scale=None):
+    """|got - expected| <= atol * scale + rtol * |expected| + slack, everywhere (slack: an allowance per value).
+
+    scale: what atol is relative to; by default the largest |expected| (at least 1), so `expected` must be trusted
+    numbers (the reference's outputs, or the reference run on a checked schedule): one huge value the student
+    controls there would make every tolerance huge. Where the student's own numbers are compared with each other,
+    the caller passes a trusted scale."""
     if got is None or expected is None or got.shape != expected.shape:
         return False
-    scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
+    scale = tolerance_scale(expected) if scale is None else scale
     return bool(torch.isfinite(got).all() and ((got - expected).abs() <= atol * scale + rtol * expected.abs() + slack).all())
+
+
+def tolerance_scale(expected):
+    return max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
 
 
 def _fmt(values, n=4):
@@ -609,7 +618,7 @@ def _rows(labels, bad_rows):
     return text + "\n"
 
 
-def compare(what, got_rec, ref_rec, rtol=1e-3, atol=1e-5, labels=None, slack=0.0):
+def compare(what, got_rec, ref_rec, rtol=1e-3, atol=1e-5, labels=None, slack=0.0, scale=None):
     """None if the student's tensor record matches the reference's, else a teaching message."""
     error = error_of(got_rec)
     if error:
@@ -625,10 +634,10 @@ def compare(what, got_rec, ref_rec, rtol=1e-3, atol=1e-5, labels=None, slack=0.0
     if got is None or list(got.shape) != list(expected.shape):
         shape = got_rec.get("shape")
         return f"{what}: expected shape {tuple(expected.shape)}, got {tuple(shape) if isinstance(shape, list) else shape}."
-    if close(got, expected, rtol, atol, slack):
+    scale = tolerance_scale(expected) if scale is None else scale
+    if close(got, expected, rtol, atol, slack, scale):
         return None
     finite = torch.isfinite(got)
-    scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
     bad = ~finite | ((got - expected).abs() > atol * scale + rtol * expected.abs() + slack)
     message = f"{what} does not match the reference solution.\n"
     if labels is not None and expected.dim() >= 1 and expected.shape[0] == len(labels):
@@ -799,14 +808,32 @@ def storage_match(got, ref, group, T):
     return found
 
 
+def alpha_bar_problem(alpha_bar):
+    """Why a tensor (steps 1..T) is no alpha_bar a diffusion runs on, or None. An alpha_bar starts almost clean
+    (alpha_bar_1 >= 0.9), ends noisier (alpha_bar_T <= 0.9) and adds noise at every step: beta_t = 1 - alpha_bar_t /
+    alpha_bar_{t-1} >= 1e-6 (real schedules have more: the cosine one 3.7e-5 at T = 1100, alpha_t taken for
+    alpha_bar_t 4e-6, the linear one 1e-4). So a constant alpha_bar of 1 (x_t = x_0), one near 0 everywhere, an
+    increasing one, or one with a step that does nothing is refused: with those, code that ignores the schedule
+    or the model would look right for "its" schedule."""
+    if alpha_bar.numel() == 0 or not torch.isfinite(alpha_bar).all() or alpha_bar.min() <= 0 or alpha_bar.max() > 1:
+        return "values outside (0, 1]"
+    if alpha_bar[0] < 0.9 or alpha_bar[-1] > 0.9:
+        return f"alpha_bar runs from {float(alpha_bar[0]):.3g} to {float(alpha_bar[-1]):.3g}, not from about 1 to below 0.9"
+    beta = 1 - alpha_bar / torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
+    if beta.min() < 1e-6:
+        return f"alpha_bar does not decrease at t = {int(beta.argmin()) + 1} (beta_t = {float(beta.min()):.3g})"
+    return None
+
+
 def alpha_bar_candidates(got, T):
-    """Stored tensors that look like the student's own alpha_bar (or its square root): decreasing, in (0, 1]."""
+    """Stored tensors (cast to float32, as code runs on them) that are an alpha_bar (alpha_bar_problem), or whose
+    square is: the student's own alpha_bar, or its square root."""
     out = []
     for name, candidates in stored_tables(got, T):
         for c in candidates:
-            if c.numel() == T and torch.isfinite(c).all() and (c > 0).all() and (c <= 1).all() and c[0] > 0.9 \
-                    and bool((c[1:] <= c[:-1] + 1e-7).all()):
-                out += [(name, c), (name + "^2", c * c)]
+            c = c.float().double()
+            if c.numel() == T:
+                out += [(n, ab) for n, ab in ((name, c), (name + "^2", c * c)) if alpha_bar_problem(ab) is None]
     return out
 
 
@@ -899,12 +926,17 @@ def judge_check(chk, got, ref, params, mistakes=(), hints=()):
     except Exception as exc:  # noqa: BLE001
         passed, message = False, f"the output could not be judged ({type(exc).__name__}): malformed or missing values."
     if not passed and mistakes:
-        found = known_mistakes(chk, got, ref, mistakes, hints)
-        if found:
-            which = "a known mistake" if len(found) == 1 else "one of these known mistakes"
-            message += f"\n  This output matches {which}:\n" + "".join(f"    - {h}\n" for h in found)
-            message = message.rstrip()
+        message = with_known_mistakes(str(message), chk, got, ref, mistakes, hints)
     return bool(passed), str(message)
+
+
+def with_known_mistakes(message, chk, got, ref, mistakes, hints):
+    """A failing check's message, plus the known mistakes its output matches (see known_mistakes)."""
+    found = known_mistakes(chk, got, ref, mistakes, hints)
+    if not found:
+        return message
+    which = "a known mistake" if len(found) == 1 else "one of these known mistakes"
+    return (message + f"\n  This output matches {which}:\n" + "".join(f"    - {h}\n" for h in found)).rstrip()
 
 
 def mistake_rows(checks, params, reference_outputs, mutants, per_check_requests, deadline=None):
@@ -927,14 +959,16 @@ def mistake_rows(checks, params, reference_outputs, mutants, per_check_requests,
         for index, function, module in mutants:
             if function != chk.function and not (chk.function == "p_sample" and function == "schedule"):
                 continue
-            if deadline is not None and time.time() > deadline:
-                break
             outs = []
             for r in requests:
                 key = (index, request_key(r))
                 if key not in cache:
+                    if deadline is not None and time.time() > deadline:
+                        break
                     cache[key] = json.loads(json.dumps(run_request(module, r)))
                 outs.append(cache[key])
+            if len(outs) < len(requests):
+                break
             values = primary_values(chk, outs)
             if values is None or len(values) != len(expected):
                 continue

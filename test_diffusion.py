@@ -37,7 +37,7 @@ import diffusion
 from grading import (CHANNELS, IMAGE_SIZE, SIZES, Check, alpha_bar_candidates, both_routes, close, compare, error_of,
                      first_error, float32_rounding, image, noisy_output_allowance, p_losses_inputs, reference_quantities,
                      req, run_locally, schedule_rtol, seed_of, step_labels, steps, storage_match, stored_alpha_bar,
-                     tensor_of, unexplained_tables, uniform)
+                     tensor_of, tolerance_scale, unexplained_tables, uniform)
 
 # ---------------------------------------------------------------------------------------------------
 # Points per graded function (100 in all). Partial credit: points * (checks passed / checks of that function).
@@ -179,6 +179,8 @@ def q_req(p, size):
 
 
 def judge_q_sample(got, ref, p, size):
+    """got, ref: the q_sample record and the schedule record of the same T."""
+    (got, schedule), (ref, schedule_ref) = got, ref
     T = p["T"][size]
     seed = seed_of(p, f"q_sample/{size}")
     if "out" not in got:
@@ -187,27 +189,29 @@ def judge_q_sample(got, ref, p, size):
                       got.get("out"), ref.get("out"), rtol=1e-3, atol=1e-5)
     if problem is None:
         return True, ""
-    # right formula for the student's own (wrong) alpha_bar? then the schedule checks take the points, not this one
-    # (only when the student's alpha_bar differs from the reference's, and not for a tensor that holds alpha_t)
-    out = tensor_of(got.get("out"))
-    quantities = reference_quantities(ref) if isinstance(ref.get("stored"), list) else None
-    if out is not None and quantities and storage_match(got, ref, "alpha_bar", T) is None:
+    # right formula for the student's own (wrong) alpha_bar? then the schedule checks take the points, not this one:
+    # only where the alpha_bar check of this T fails (so the mistake is counted there, once), for a real alpha_bar
+    # (alpha_bar_candidates) that the schedule probe's Diffusion stores, and not for a tensor that holds alpha_t
+    out, expected = tensor_of(got.get("out")), tensor_of(ref.get("out"))
+    if out is not None and expected is not None and isinstance(schedule_ref.get("stored"), list) and not judge_schedule(
+            "alpha_bar", schedule, schedule_ref, T)[0]:
         x_0, noise, t = image(5, seed, kind=uniform), image(5, seed + 1), steps(T, 5, seed + 2)
-        alphas = quantities["alphas"]["alphas"]
-        for name, ab in alpha_bar_candidates(got, T):
+        alphas = reference_quantities(schedule_ref)["alphas"]["alphas"]
+        for name, ab in alpha_bar_candidates(schedule, T):
             if close(ab, alphas, rtol=1e-4, atol=1e-6) or close(ab, alphas.sqrt(), rtol=1e-4, atol=1e-6):
                 continue
             a = ab[t].view(-1, 1, 1, 1)
-            if close(out, a.sqrt() * x_0.double() + (1 - a).sqrt() * noise.double(), rtol=1e-3, atol=1e-5):
+            if close(out, a.sqrt() * x_0.double() + (1 - a).sqrt() * noise.double(), rtol=1e-3, atol=1e-5,
+                     scale=tolerance_scale(expected)):
                 return True, (f"q_sample is right for the alpha_bar your Diffusion stores (self.{name}); that alpha_bar "
                               "differs from the reference, which the schedule checks count.")
     return False, problem
 
 
 for _size in SIZES:
-    check(f"q_sample_matches_reference-{_size}_T", "q_sample", functools.partial(lambda p, s: [q_req(p, s)], s=_size),
-          primary=lambda got: got[0].get("out"))(
-        functools.partial(lambda got, ref, p, s: judge_q_sample(got[0], ref[0], p, s), s=_size))
+    check(f"q_sample_matches_reference-{_size}_T", "q_sample",
+          functools.partial(lambda p, s: [q_req(p, s), schedule_req(p, s)], s=_size), primary=lambda got: got[0].get("out"))(
+        functools.partial(judge_q_sample, size=_size))
 
 
 @check("q_sample_shape_and_dtype", "q_sample", lambda p: [q_req(p, "small")])
@@ -365,7 +369,7 @@ def judge_forward_loss(got, ref, p, size):
             problem = f"forward called the model {model.get('n')} times; expected once (through p_losses)."
         if not problem:
             problem = compare("forward(x_0, noise) compared with your p_losses(x_0, t, noise) at the t it drew",
-                              own.get("loss"), own.get("p_losses_at_t"), rtol=1e-5, atol=1e-7)
+                              own.get("loss"), own.get("p_losses_at_t"), rtol=1e-5, atol=1e-7, scale=1.0)
         if not problem and not (own.get("loss") or {}).get("grad"):
             problem = "forward's loss does not require grad; training could not update the model."
         if not problem:
@@ -490,12 +494,12 @@ def judge_p_sample_noise(got, ref, p):
                        "not torch.randn (the grader fixes the randomness through noise_like).")
     if calls[0][0] != [3, CHANNELS, IMAGE_SIZE, IMAGE_SIZE]:
         return False, f"p_sample asked noise_like for shape {tuple(calls[0][0])}; expected x's shape {(3, CHANNELS, IMAGE_SIZE, IMAGE_SIZE)}."
-    if not close(a, b, rtol=0, atol=1e-6):
+    if not close(a, b, rtol=0, atol=1e-6, scale=1.0):
         return False, ("With noise_like fixed, p_sample's output still changes with torch's global random seed: all of the "
                        "step's randomness must come from self.noise_like (no torch.randn / randn_like).")
-    if close(a, c, rtol=0, atol=1e-7):
+    if close(a, c, rtol=0, atol=1e-7, scale=1.0):
         return False, f"p_sample at t_index={i} gives the same output for different noise_like draws: add sigma_t * z."
-    if not close(la, lb, rtol=0, atol=1e-6):
+    if not close(la, lb, rtol=0, atol=1e-6, scale=1.0):
         return False, ("At the last step (t_index = 0, math t = 1) p_sample's output depends on the noise: Algorithm 2 "
                        "adds no noise there (z = 0), it returns the mean.")
     return True, ""

@@ -17,7 +17,7 @@ import make_autograder  # noqa: E402 - tools/ is on sys.path (autograder_sim)
 
 # one mutant per function: its bug lives in that function only
 SINGLE_FUNCTION_BUGS = {
-    "schedule": "schedule_variance_missing_beta",
+    "schedule": "schedule_unclipped",  # an alpha_bar bug; a formula bug in a posterior buffer also costs p_sample (GRADING.md)
     "q_sample": "q_sample_swapped",
     "p_losses": "p_losses_mse",
     "forward": "forward_never_draws_last",

@@ -7,8 +7,11 @@ results.json that says what happened, and the instructor's hidden notes must sho
 
 Needs root and an interpreter an unprivileged uid can run (see tests/autograder_sim.py); skipped otherwise,
 since without the isolation the grader refuses to run submissions (or, in its development mode, has none).
+The trusted judge's own defences (re-judging only on a schedule, tolerance scales, degenerate alpha_bars, the
+judge's cost) are tested in process at the end of this file, without the zip and without root.
 """
 import concurrent.futures
+import math
 import os
 import sys
 import re
@@ -251,6 +254,43 @@ Diffusion.__init__, Diffusion.q_sample, Diffusion.p_sample = (_init_with_decoy, 
                                                               _p_sample_on_true_values)
 ''')
 
+# cheating only while graded: the grader's stand-in modules give it away, and then the file stores a crafted schedule
+# buffer (sqrt_alphas_cumprod = sqrt(alpha_t), which makes the x_0 / sqrt(alpha_t) of this p_sample "right") while
+# its functions run on the true values, kept as plain lists (so no stored tensor is a decoy), and it pads what the
+# schedule probe reports. Without the grader it is the wrong-math submission; with it, it must score exactly that too
+# (the judge before issue 15 gave it 79.71 where the wrong-math submission has 74.77, and took 27 s to judge it)
+GRADED_ONLY = attack(r'''
+try:
+    import wandb as _wandb  # on the grader, an inert stand-in
+    _GRADED = "grader stand-in" in repr(_wandb)
+except ImportError:
+    _GRADED = False
+_CRAFTED = ("sqrt_alphas_cumprod",)
+_plain_init, _plain_q_sample, _plain_p_sample = Diffusion.__init__, Diffusion.q_sample, Diffusion.p_sample
+def _init_crafted(self, *args, **kwargs):
+    _plain_init(self, *args, **kwargs)
+    self._true = {n: getattr(self, n).tolist() for n in _CRAFTED}
+    self.sqrt_alphas_cumprod = self.alphas.sqrt()
+def _on_true_values(function):
+    def run(self, x, t, *args):
+        crafted = {n: getattr(self, n) for n in _CRAFTED}
+        for n in _CRAFTED:
+            setattr(self, n, torch.tensor(self._true[n], device=x.device))
+        try:
+            return function(self, x, t, *args)
+        finally:
+            for n, v in crafted.items():
+                setattr(self, n, v)
+    return run
+if _GRADED:
+    import grading as _grading
+    _stored_vectors = _grading.stored_vectors
+    _grading.stored_vectors = lambda d, T: _stored_vectors(d, T) + [
+        {"name": "pad%d" % i, "values": [0.5] * T} for i in range(400_000 // T)]
+    Diffusion.__init__, Diffusion.q_sample, Diffusion.p_sample = (_init_crafted, _on_true_values(_plain_q_sample),
+                                                                  _on_true_values(_plain_p_sample))
+''')
+
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
@@ -275,6 +315,7 @@ def results(tmp_path_factory):
         "resources": {"diffusion.py": RESOURCE_ATTACKS},
         "flood": {"diffusion.py": FLOOD},
         "decoy_schedule": {"diffusion.py": DECOY_SCHEDULE},
+        "graded_only": {"diffusion.py": GRADED_ONLY},
         "symlink_dev_zero": {"diffusion.py": ("symlink", "/dev/zero")},
         "symlink_reference": {"diffusion.py": ("symlink", "{root}/source/reference/diffusion.py")},
         "symlink_outside": {"hw/diffusion.py": ("symlink", "/etc/passwd")},
@@ -341,7 +382,7 @@ def test_attacks_leave_the_honest_score_and_a_note(results, name, note):
 
 def test_attacks_that_only_compute_keep_exactly_the_honest_score(results):
     graded, _, _ = results
-    for name in ("visible_expected", "patch_the_judge", "outlive", "decoy_schedule"):
+    for name in ("visible_expected", "patch_the_judge", "outlive", "decoy_schedule", "graded_only"):
         assert abs(graded[name][1]["score"] - honest(results)) < 1e-6, (name, graded[name][1]["output"])
 
 
@@ -381,3 +422,275 @@ def test_no_unprivileged_interpreter_means_refusal_not_root(results):
     assert "REFUSED" in result["output"] and "never run as root" in result["output"]
     assert not os.path.exists(f"/tmp/ran-as-root-{tag}"), "the submission ran although the grader refused"
     assert "refused" in hidden(result) and len(visible(result)) == 43
+
+
+# ================================================================== the trusted judge, in process
+# Held-out red team v3 (issue 15) raised a wrong-math submission's score with crafted schedule buffers, tolerances
+# scaled by its own numbers, degenerate "own alpha_bar"s, and made the judge's cost grow with what it sent. Each
+# family is tested here on the trusted judge itself (tools/grading_trusted.py with the judges of grading.py and
+# test_diffusion.py), in process and at small T: many members cost little (GRADED_ONLY above goes through the zip).
+# A member's payload is one real probe run of its functions with the schedule probe's `stored` tensors replaced by
+# its tables: exactly what a submission sends whose functions compute the true schedule where they use it and whose
+# __init__ stores those tables. Its honest twin stores the same numbers under names of its own, which no re-judging
+# reads; every member must score exactly what its twin scores.
+import collections  # noqa: E402
+import functools  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+import types  # noqa: E402
+
+import torch  # noqa: E402
+
+import grading  # noqa: E402
+import grading_trusted  # noqa: E402
+import test_diffusion as td  # noqa: E402
+
+PARAMS = {"T": {"small": 24, "large": 96}, "mid": {"small": 9, "large": 41}, "seed": 20261203}
+
+
+def _source(*replacements, base=REFERENCE):
+    for old, new in replacements:
+        assert base.count(old) == 1, old
+        base = base.replace(old, new)
+    return base
+
+
+Q_SAMPLE = ("extract(self.sqrt_alphas_cumprod, t, x_0.shape) * x_0\n"
+            "            + extract(self.sqrt_one_minus_alphas_cumprod, t, x_0.shape) * noise")
+P_SAMPLE_START = "        eps = self.model(x, t)\n"
+# the functions of the family members (each wrong; the crafted tables below would make them look right)
+FUNCTIONS = {
+    "wrong_math": WRONG_MATH,
+    "no_square_roots_and_no_model": _source(
+        (Q_SAMPLE, "extract(self.alphas_cumprod, t, x_0.shape) * x_0\n"
+                   "            + (1 - extract(self.alphas_cumprod, t, x_0.shape)) * noise"),
+        (P_SAMPLE_START, "        return x if t_index == 0 else x + 1e-3 * self.noise_like(x.shape, x.device)\n")),
+    "returns_its_input": _source((Q_SAMPLE, "x_0 + 0 * noise"), (P_SAMPLE_START, "        return x\n")),
+    "returns_the_noise": _source((Q_SAMPLE, "0 * x_0 + noise")),
+    "swapped": mutant("q_sample_swapped"),
+}
+
+
+def _one_step(values, value, k=2):
+    values = values.clone()
+    values[k] = value
+    return values
+
+
+def _consistent(alpha_bar):
+    """Every buffer as one alpha_bar implies it (a crafted schedule that is consistent, but degenerate)."""
+    prev = torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
+    return grading_trusted.implied_buffers((alpha_bar / prev).clamp(max=1.0), alpha_bar)
+
+
+# family member -> (its functions, its stored tables from the reference's true buffers b)
+CRAFTED = {
+    # re-judging on crafted buffers
+    "sqrt_pair_not_summing_to_1": ("no_square_roots_and_no_model", lambda b: {
+        **b, "sqrt_alphas_cumprod": b["alphas_cumprod"], "sqrt_one_minus_alphas_cumprod": 1 - b["alphas_cumprod"]}),
+    "posterior_1_0_small_variance": ("no_square_roots_and_no_model", lambda b: {
+        **b, "posterior_mean_coef_x0": 0 * b["alphas"], "posterior_mean_coef_xt": 1 + 0 * b["alphas"],
+        "posterior_variance": 1e-6 + 0 * b["alphas"]}),
+    "both_at_once": ("no_square_roots_and_no_model", lambda b: {
+        **b, "sqrt_alphas_cumprod": b["alphas_cumprod"], "sqrt_one_minus_alphas_cumprod": 1 - b["alphas_cumprod"],
+        "posterior_mean_coef_x0": 0 * b["alphas"], "posterior_mean_coef_xt": 1 + 0 * b["alphas"],
+        "posterior_variance": 1e-6 + 0 * b["alphas"]}),
+    "sqrt_alpha_bar_is_sqrt_alpha": ("wrong_math", lambda b: {**b, "sqrt_alphas_cumprod": b["alphas"].sqrt()}),
+    # the tolerance's scale from the student's numbers
+    "coefficient_1e39": ("wrong_math", lambda b: {**b, "posterior_mean_coef_x0": 1e39 + 0 * b["alphas"]}),
+    "coefficient_1e30_at_one_step": ("wrong_math", lambda b: {
+        **b, "posterior_mean_coef_x0": _one_step(b["posterior_mean_coef_x0"], 1e30)}),
+    "coefficient_inf": ("wrong_math", lambda b: {
+        **b, "posterior_mean_coef_x0": _one_step(b["posterior_mean_coef_x0"], math.inf)}),
+    "coefficient_nan": ("wrong_math", lambda b: {
+        **b, "posterior_mean_coef_x0": _one_step(b["posterior_mean_coef_x0"], math.nan)}),
+    "coefficient_huge_negative": ("wrong_math", lambda b: {
+        **b, "posterior_mean_coef_x0": _one_step(b["posterior_mean_coef_x0"], -1e30)}),
+    # degenerate schedules, consistent in themselves
+    "constant_alpha_bar_1": ("returns_its_input", lambda b: _consistent(1 + 0 * b["alphas"])),
+    "alpha_bar_all_zero": ("returns_the_noise", lambda b: _consistent(1e-12 + 0 * b["alphas"])),
+    "increasing_alpha_bar": ("swapped", lambda b: {**b, "sqrt_alphas_cumprod": b["sqrt_one_minus_alphas_cumprod"],
+                                                   "sqrt_one_minus_alphas_cumprod": b["sqrt_alphas_cumprod"]}),
+    "flat_but_the_last_step": ("returns_its_input", lambda b: _consistent(torch.cat([
+        1 - 1e-9 * torch.arange(1, len(b["alphas"]), dtype=torch.float64), torch.full((1,), 0.5, dtype=torch.float64)]))),
+}
+# the schedule bugs students really make: re-judging must still charge them to the schedule only
+HONEST_SCHEDULE_BUGS = {
+    "no_clip": mutant("schedule_unclipped"),
+    "float32_no_clip": _source(("steps = torch.arange(timesteps + 1, dtype=torch.float64)",
+                                "steps = torch.arange(timesteps + 1, dtype=torch.float32)"),
+                               ("        alphas_cumprod = torch.cumprod(alphas, dim=0)\n",
+                                "        alphas = alphas.float()\n        alphas_cumprod = torch.cumprod(alphas, dim=0)\n"),
+                               base=mutant("schedule_unclipped")),
+    "unclipped_cumprod": _source(("        alphas_cumprod = torch.cumprod(alphas, dim=0)\n",
+                                  "        f = torch.cos(((torch.arange(self.num_timesteps + 1, dtype=torch.float64) / "
+                                  "self.num_timesteps + 0.008) / 1.008) * math.pi / 2) ** 2\n"
+                                  "        alphas_cumprod = f[1:] / f[0]\n")),
+    # tables of T + 1 values from step 0, read at the code index: one step off
+    "off_by_one_t_plus_1_tables": _source(
+        ('        register("sqrt_alphas_cumprod", torch.sqrt(alphas_cumprod))\n'
+         '        register("sqrt_one_minus_alphas_cumprod", torch.sqrt(1.0 - alphas_cumprod))\n',
+         '        table = F.pad(alphas_cumprod, (1, 0), value=1.0)\n'
+         '        register("sqrt_alphas_cumprod", torch.sqrt(table))\n'
+         '        register("sqrt_one_minus_alphas_cumprod", torch.sqrt(1.0 - table))\n')),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _plan():
+    per_check, distinct = grading.requests_of(td.CHECKS, PARAMS)
+    reference = {key: grading_trusted.plain(grading.run_request(td.diffusion, r)) for key, r in distinct.items()
+                 if r["probe"] not in grading.NO_REFERENCE}
+    return per_check, distinct, reference
+
+
+@functools.lru_cache(maxsize=None)
+def _outputs(source):
+    """The probe outputs of a submission, run in process (as JSON text, so that callers get fresh copies)."""
+    module = types.ModuleType("submission")
+    exec(compile(source, "diffusion.py", "exec"), module.__dict__)
+    return json.dumps({key: grading.run_request(module, r) for key, r in _plan()[1].items()})
+
+
+def _judged(student, hint_budget=0.0):
+    per_check, _, reference = _plan()
+    budget, grading_trusted.HINT_BUDGET_S = grading_trusted.HINT_BUDGET_S, hint_budget
+    try:
+        return grading_trusted.judge({"params": PARAMS, "per_check": per_check, "reference": reference,
+                                      "student": student})["results"]
+    finally:
+        grading_trusted.HINT_BUDGET_S = budget
+
+
+def _score(results):
+    checks = collections.Counter(c.function for c in td.CHECKS)
+    return sum(td.POINTS[c.function] / checks[c.function] for c in td.CHECKS if results[c.name][0])
+
+
+def _true_buffers(T):
+    d = td.diffusion.Diffusion(grading.TinyEps(1), image_size=1, channels=1, timesteps=T)
+    return {n: b.double() for n, b in d.named_buffers() if not n.startswith("model.")}
+
+
+def _storing(source, craft, prefix=""):
+    """The payload of `source` with the schedule probes reporting craft(true buffers) as stored, names prefixed."""
+    student = json.loads(_outputs(source))
+    for size, T in PARAMS["T"].items():
+        tables = craft(_true_buffers(T))
+        student[grading.request_key(td.schedule_req(PARAMS, size))]["stored"] = [
+            {"name": prefix + name, "values": values.tolist()} for name, values in tables.items()]
+    return student
+
+
+@pytest.mark.parametrize("member", list(CRAFTED))
+def test_crafted_schedules_are_not_re_judged(member):
+    """Each member: not a schedule (own_schedule refuses it), so it scores exactly its honest twin."""
+    functions, craft = CRAFTED[member]
+    T = PARAMS["T"]["large"]
+    tables = craft(_true_buffers(T))
+    stored = [{"name": name, "values": values.tolist()} for name, values in tables.items()]
+    assert grading_trusted.own_schedule(stored, T) is None, member
+    crafted = _score(_judged(_storing(FUNCTIONS[functions], craft)))
+    twin = _score(_judged(_storing(FUNCTIONS[functions], craft, prefix="my_")))
+    assert crafted == twin, (member, crafted, twin)
+
+
+def test_a_degenerate_alpha_bar_is_not_the_students_own_in_local_pytest_either():
+    """A q_sample that returns x_0 is not "right for the alpha_bar your Diffusion stores" when that alpha_bar is a
+    constant 1 (the red team's +10), nor one that is flat up to the last step; a real alpha_bar still is."""
+    T = PARAMS["T"]["large"]
+    ones = torch.ones(T, dtype=torch.float64)
+    flat = CRAFTED["flat_but_the_last_step"][1](_true_buffers(T))["alphas_cumprod"]
+
+    def candidates(values):
+        return [n for n, _ in grading.alpha_bar_candidates({"stored": [{"name": "a", "values": values.tolist()}]}, T)]
+
+    for candidate in (ones, flat, torch.zeros(T, dtype=torch.float64), flat.flip(0)):
+        assert candidates(candidate) == []
+    assert "a^2" in candidates(_true_buffers(T)["alphas_cumprod"].sqrt())
+    for candidate in (ones, flat):  # through the q_sample check: exactly the score without the stored candidate
+        student = _storing(FUNCTIONS["returns_its_input"], lambda b: {"my_alpha_bar": candidate})
+        honest = _storing(FUNCTIONS["returns_its_input"], lambda b: {})
+        assert _score(_judged(student)) == _score(_judged(honest))
+
+
+def test_the_schedule_bugs_students_make_cost_only_the_schedule():
+    """No clip, float32, a cumulative product taken before the clip, T + 1 tables read one step off: q_sample and
+    p_sample are re-judged on the student's own schedule and pass; only schedule checks fail."""
+    for name, source in HONEST_SCHEDULE_BUGS.items():
+        results = _judged(json.loads(_outputs(source)))
+        failing = {c.function for c in td.CHECKS if not results[c.name][0]}
+        assert failing == {"schedule"}, (name, {c.name: results[c.name][1][:300] for c in td.CHECKS
+                                                if not results[c.name][0]})
+
+
+def test_implied_buffers_are_the_references():
+    """implied_buffers restates the reference's formulas: from its (float32) alphas and alpha_bar it gives its
+    buffers within the float32 tolerance own_schedule allows, at the grader's smallest and largest T."""
+    for T in (20, 1100):
+        b = _true_buffers(T)
+        implied = grading_trusted.implied_buffers(b["alphas"], b["alphas_cumprod"])
+        rtol = grading_trusted.float32_tolerance(b["alphas"], b["alphas_cumprod"])
+        for name, values in b.items():
+            assert ((implied[name] - values).abs() <= rtol * values.abs() + 1e-9).all(), name
+
+
+def test_a_noise_check_is_not_scaled_by_the_students_outliers():
+    """p_sample with a little torch.randn noise fails the noise_like check; one huge value in its output used to
+    scale that check's tolerance (max |output|) until it passed."""
+    step = "        return mean + sigma * self.noise_like(x.shape, x.device)\n"
+    noisy_step = "        out = mean + sigma * self.noise_like(x.shape, x.device) + 0.01 * torch.randn_like(x)\n"
+    noisy = _source((step, noisy_step + "        return out\n"))
+    outlier = _source((step, noisy_step + "        out.view(-1)[0] = 1e5\n        return out\n"))
+    chk = next(c for c in td.CHECKS if c.name == "p_sample_noise_comes_from_noise_like")
+    for source in (noisy, outlier):
+        module = types.ModuleType("submission")
+        exec(compile(source, "diffusion.py", "exec"), module.__dict__)
+        got = [grading_trusted.plain(grading.run_request(module, r)) for r in chk.requests(PARAMS)]
+        assert grading.judge_check(chk, got, [{}], PARAMS)[0] is False
+
+
+def test_padding_does_not_change_the_verdicts_and_is_cut_before_judging():
+    """Extra stored tensors, keys, items, long strings, deep nesting and oversized tensors in every output: the
+    judge admits only what the probes send (grading_trusted.admitted), with the same verdicts."""
+    honest = json.loads(_outputs(WRONG_MATH))
+    padded = json.loads(_outputs(WRONG_MATH))
+    deep = []
+    for _ in range(5000):
+        deep = [deep]
+    for key, out in padded.items():
+        T = json.loads(key)["args"]["T"]
+        out.update({f"extra{i}": "x" * 10_000 for i in range(100)})
+        out["deep"] = deep
+        out["big"] = {"shape": [300_000], "values": [0.5] * 300_000}
+        if "stored" in out:
+            out["stored"] += [{"name": f"pad{i}", "values": [0.5] * T} for i in range(3000)]
+    per_check, _, reference = _plan()
+    for key, out in padded.items():
+        admitted = grading_trusted.admitted(out, reference.get(key, {}), json.loads(key)["args"]["T"])
+        most = 4 * grading_trusted.size_of(reference.get(key, {})) + 64 * (PARAMS["T"]["large"] + 2) + 20_000
+        assert grading_trusted.size_of(admitted) <= most
+        assert len(admitted.get("stored", [])) <= grading_trusted.MAX_STORED and "values" not in admitted.get("big", {})
+    started = time.process_time()
+    results = _judged(padded)
+    assert time.process_time() - started < 60  # a guard against regressions: about 2 s on two loaded cores
+    assert {k: v[0] for k, v in results.items()} == {k: v[0] for k, v in _judged(honest).items()}
+
+
+def test_known_mistake_hints_stop_at_their_budget(monkeypatch):
+    """The budget is checked before every probe run of a mutant, so a slow one cannot carry the hints past it (a
+    check before each mutant let all of a mutant's runs start late). On a clock that each run moves by a second."""
+    per_check, _, reference = _plan()
+    clock = [0.0]
+
+    class Slow:
+        class Diffusion:
+            def __init__(self, *args, **kwargs):
+                clock[0] += 1
+                raise RuntimeError("a slow mutant")
+
+    monkeypatch.setattr(grading, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    chk = next(c for c in td.CHECKS if c.name == "q_sample_matches_reference-small_T")  # two probe runs
+    assert len(chk.requests(PARAMS)) == 2
+    rows = grading.mistake_rows([chk], PARAMS, reference, [(0, "q_sample", Slow)], per_check, deadline=0.5)
+    assert rows == {} and clock[0] == 1
