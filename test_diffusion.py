@@ -24,7 +24,8 @@ stand-in p_losses, p_sample_loop with a stand-in p_sample, sample with a stand-i
 passes if either way is right. So draw sampling noise through `self.noise_like(shape, device)`, call
 `self.q_sample`, `self.p_losses`, `self.p_sample` and `self.p_sample_loop` rather than inlining them (inlined
 code is still graded, through your own functions), and use only the public API: buffer names, float32 vs
-float64 arithmetic, `extract` vs plain indexing are up to you.
+float64 arithmetic, `extract` vs plain indexing are up to you. float64 is graded correct, but an Apple GPU (MPS)
+has no float64: to train there, keep the buffers float32 (the trainer refuses float64 buffers on MPS and names them).
 """
 import functools
 import math
