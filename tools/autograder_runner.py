@@ -64,7 +64,6 @@ import stat
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -395,17 +394,21 @@ class Cgroup:
         except (OSError, ValueError):
             return None
 
-    def oom_kills(self):
-        """How many processes the kernel killed at the group's memory limit."""
+    def limit_hits(self):
+        """How often the group reached its hard memory limit or had a process killed there (the kernel acts
+        between two of the watchdog's readings): any new one counts as over the limit."""
         if "memory" not in self.dirs:
             return 0
         folder, version = self.dirs["memory"]
         try:
-            text = _read(os.path.join(folder, "memory.events" if version == 2 else "memory.oom_control"))
-        except OSError:
+            if version == 1:  # failcnt stays 0 on some kernels; the OOM kills are always counted
+                counts = [os.path.join(folder, name) for name in ("memory.failcnt", "memory.memsw.failcnt")]
+                kills = re.findall(r"^oom_kill (\d+)", _read(os.path.join(folder, "memory.oom_control")), re.M)
+                return sum(int(_read(path)) for path in counts if os.path.exists(path)) + sum(map(int, kills))
+            events = _read(os.path.join(folder, "memory.events"))
+            return sum(int(n) for n in re.findall(r"^(?:max|oom_kill) (\d+)", events, re.M))
+        except (OSError, ValueError):
             return 0
-        found = re.search(r"^oom_kill (\d+)", text, re.M)
-        return int(found.group(1)) if found else 0
 
     def members(self):
         pids = set()
@@ -715,8 +718,8 @@ class Sandbox:
         if self.cgroup:  # a hard ceiling just above the watchdog's: the kernel enforces it between two readings
             self.cgroup.set_limits(memory=limit + (32 << 20))
 
-    def oom_kills(self):
-        return self.cgroup.oom_kills() if self.cgroup else 0
+    def limit_hits(self):
+        return self.cgroup.limit_hits() if self.cgroup else 0
 
     def kill(self, deadline):
         """Every process of the student: (the pids that were alive, how many are left)."""
@@ -905,7 +908,7 @@ def run_probes(python, work, sandbox, requests, *, deadline, probe_timeout, marg
             notes["refused"] = f"the worker could not be started: {exc}"
             break
         peak, ready, imported, last = 0, False, False, time.time()
-        oom_kills = sandbox.oom_kills()
+        limit_hits = sandbox.limit_hits()
         stop_reason = None
         try:
             while True:
@@ -923,7 +926,7 @@ def run_probes(python, work, sandbox, requests, *, deadline, probe_timeout, marg
                     worker.eof = True
                 used = sandbox.memory(worker.proc.pid)
                 peak = max(peak, used)
-                if sandbox.limit is not None and used > sandbox.limit:
+                if sandbox.limit is not None and (used > sandbox.limit or sandbox.limit_hits() > limit_hits):
                     stop_reason = "memory"
                     break
                 for line in lines:
@@ -965,7 +968,7 @@ def run_probes(python, work, sandbox, requests, *, deadline, probe_timeout, marg
             stop_reason = "flood"
             notes["flood"] = f"the submission's process wrote {exc}; it was stopped"
         killed, left = worker.stop(sandbox, time.time() + KILL_S)
-        if stop_reason is None and sandbox.oom_kills() > oom_kills:
+        if stop_reason is None and sandbox.limit_hits() > limit_hits:
             stop_reason = "memory"  # the kernel enforced the cgroup's limit before the watchdog saw it
         if stop_reason:
             notes.setdefault("probes stopped", []).append(stop_reason)
