@@ -610,7 +610,7 @@ def remove_ipc_objects(uid):
         control = getattr(_libc(), IPC_TABLES[kind][1])
         args = (ident, 0, 0, None) if kind == "sem" else (ident, 0, None)  # IPC_RMID = 0
         if control(*[ctypes.c_void_p(a) if a is None else ctypes.c_int(a) for a in args]) == 0:
-            removed.append(f"{kind} {ident}")
+            removed.append(f"{kind} id {ident}")
     return removed
 
 
