@@ -580,7 +580,7 @@ def test_the_wrong_math_submission_gets_an_honest_partial_score(results):
     ("visible_expected", "submission mentions:"),
     ("patch_the_judge", "submission mentions:"),
     ("forge_reports", "unexpected protocol lines"),
-    ("outlive", "leftover processes"),
+    ("outlive", "processes besides the worker"),
     ("resources", "probes stopped"),
     ("flood", "flood"),
 ])
@@ -662,7 +662,7 @@ def test_survivors_cannot_stop_the_grader_lift_its_isolation_or_hide_their_memor
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert abs(result["score"] - honest(results)) < 1e-6, (result["score"], honest(results), notes[-3000:])
     assert "ran without hiding" not in notes and "private mount namespace" in notes, notes[-3000:]
-    assert "leftover processes" in notes and "ended early" in " ".join(t["output"] for t in visible(result))
+    assert "processes besides the worker" in notes and "ended early" in " ".join(t["output"] for t in visible(result))
     # the zombie leader's thread holds 300 MB on top of the interpreter: counted
     baseline = int(re.search(r"the interpreter after import torch \((\d+)\)", notes).group(1))
     peak = int(re.search(r"peak memory of the student's processes \(MB\): (\d+)", notes).group(1))

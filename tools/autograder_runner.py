@@ -48,7 +48,7 @@ folder only root can read), grading is refused with a results.json that says so:
 as root or as the grader's own user (--allow-same-user exists for developers only, and says so in the results).
 Whatever happens, results/results.json is written, with a score of 0 and the reason at worst.
 Instructors see notes in a hidden test entry: mentions of suspicious names, the containment the run had (what
-is and is not contained on this machine), leftover processes and what was removed after grading, floods,
+is and is not contained on this machine), processes besides the worker, what was removed after grading, floods,
 malformed protocol lines, limits hit, and the timings.
 """
 import argparse
@@ -805,6 +805,8 @@ class Worker:
         self.buffer = b""
         self.budget = budget
         self.eof = False
+        self.own = {self.proc.pid}  # the worker itself (and, once it is ready, its PID namespace's init)
+        self.seen = set()  # every process of the student seen while this worker ran
 
     def go(self):
         """Let the worker import the submission (after its interpreter's memory was measured)."""
@@ -841,8 +843,9 @@ class Worker:
         return lines
 
     def stop(self, sandbox, deadline):
-        """Kill the worker and every process of the student; (how many besides the worker's own were alive, left)."""
-        own = {self.proc.pid} | namespace_init_of(self.proc.pid)  # the worker as started (probe_worker.py)
+        """Kill the worker and every process of the student; (how many processes besides the worker's own it
+        had, alive now or seen while it ran, how many are left)."""
+        own = self.own | namespace_init_of(self.proc.pid)
         alive = set(sandbox.members(self.proc.pid))
         if self.eof:  # it is ending by itself: its own exit code says more than our SIGKILL
             try:
@@ -869,7 +872,7 @@ class Worker:
         except OSError:
             pass
         self.log.close()
-        return len((alive | killed) - own), left
+        return len((self.seen | alive | killed) - own), left
 
 
 def parse(line):
@@ -926,6 +929,7 @@ def run_probes(python, work, sandbox, requests, *, deadline, probe_timeout, marg
                     worker.eof = True
                 used = sandbox.memory(worker.proc.pid)
                 peak = max(peak, used)
+                worker.seen |= set(sandbox.members(worker.proc.pid))
                 if sandbox.limit is not None and (used > sandbox.limit or sandbox.limit_hits() > limit_hits):
                     stop_reason = "memory"
                     break
@@ -936,6 +940,7 @@ def run_probes(python, work, sandbox, requests, *, deadline, probe_timeout, marg
                         continue
                     if record.get("ready") is True and not ready:
                         ready, last = True, time.time()
+                        worker.own |= namespace_init_of(worker.proc.pid)
                         if sandbox.limit is None:  # the first worker, no student code has run yet
                             baseline = sandbox.memory(worker.proc.pid)
                             sandbox.set_memory_limit(baseline + margin)
@@ -967,13 +972,13 @@ def run_probes(python, work, sandbox, requests, *, deadline, probe_timeout, marg
         except OverflowError as exc:
             stop_reason = "flood"
             notes["flood"] = f"the submission's process wrote {exc}; it was stopped"
-        killed, left = worker.stop(sandbox, time.time() + KILL_S)
+        others, left = worker.stop(sandbox, time.time() + KILL_S)
         if stop_reason is None and sandbox.limit_hits() > limit_hits:
             stop_reason = "memory"  # the kernel enforced the cgroup's limit before the watchdog saw it
         if stop_reason:
             notes.setdefault("probes stopped", []).append(stop_reason)
-        if killed:
-            notes["leftover processes"] = notes.get("leftover processes", 0) + killed
+        if others:  # daemons, forks, a PID namespace's orphans: all ended with the worker or were killed then
+            notes["processes besides the worker"] = notes.get("processes besides the worker", 0) + others
         if left:
             notes["PROCESSES STILL ALIVE after a worker"] = left
         notes["peak memory of the student's processes (MB)"] = max(
@@ -1149,7 +1154,7 @@ def grade(root, python=sys.executable, time_limit=480.0, probe_timeout=60.0, mem
     top of its interpreter after `import torch`."""
     started = time.time()
     deadline = started + total_limit
-    judge_reserve = min(90.0, max(8.0, 0.2 * total_limit))  # what judging and writing the results keep for themselves
+    judge_reserve = min(90.0, max(12.0, 0.2 * total_limit))  # what judging and writing the results keep for themselves
     with open(os.path.join(HERE, "manifest.json")) as f:
         manifest = json.load(f)
     results_path = os.path.join(root, "results", "results.json")
