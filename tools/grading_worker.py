@@ -2,8 +2,10 @@
 
 Started by grader.py as an unprivileged throwaway user, in a folder holding only the submission's diffusion.py
 and the public test_diffusion.py and grading.py (the probes). It only computes: it reads the probe requests
-(inputs drawn by the grader at grading time) as JSON from stdin, says "ready" once torch is imported (before any
-student code runs), imports the probes, then the submission, runs each probe and writes one JSON line of plain numbers per request to its original stdout.
+(inputs drawn by the grader at grading time) as a JSON line on stdin, says "ready" once torch is imported, waits
+for the grader's "go" (it measures the interpreter's own memory meanwhile, before any student code runs), imports
+the probes, then the submission, runs each probe and writes one JSON line of plain numbers per request to its
+original stdout.
 Its stdout and stderr otherwise go to a size-limited log. Nothing here is trusted: the grader judges the numbers
 in another process, against the reference solution this process cannot read.
 """
@@ -11,6 +13,7 @@ import importlib.abc
 import importlib.machinery
 import json
 import os
+import signal
 import sys
 import traceback
 import types
@@ -94,16 +97,44 @@ class StandInFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         pass
 
 
+def enter_pid_namespace():
+    """Where the grader gave this process a PID namespace for its children (unshare(CLONE_NEWPID) moves only the
+    children, and a process whose children live elsewhere cannot start threads), go on as the first child: the
+    namespace's init, so that every process the submission starts ends when this one does. The parent stays
+    outside only to pass on the exit code; if it is killed, the init is killed with it (parent-death signal)."""
+    try:  # a PID namespace for the children that has no process yet reads as missing
+        os.readlink("/proc/self/ns/pid_for_children")
+        return
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return
+    child = os.fork()
+    if child == 0:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        return
+    for fd in (0, 1):  # the pipes belong to the init now: the grader sees their end when it ends
+        os.close(fd)
+    _, status = os.waitpid(child, 0)
+    code = os.waitstatus_to_exitcode(status)
+    os._exit(code if code >= 0 else 128 - code)
+
+
 def main():
+    enter_pid_namespace()
     protocol = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # prints of the submission go to the log, not into the protocol
-    requests = json.loads(sys.stdin.read())
-    sys.stdin.close()
+    requests = json.loads(sys.stdin.readline())
     sys.path.insert(0, os.getcwd())
     import torch  # noqa: F401 - imported before the submission: "ready" means the interpreter works for this user
 
     torch.set_num_threads(1)
     protocol.write(json.dumps({"ready": True}) + "\n")
+    if sys.stdin.readline() != "go\n":  # the grader measures this interpreter's memory before student code runs
+        os._exit(0)
+    sys.stdin.close()
     import grading  # the probes; imported before the submission, which then cannot put a module of its own there
 
     stand_ins = StandInFinder()

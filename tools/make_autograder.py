@@ -17,7 +17,8 @@ Zip layout (Gradescope's format, everything at the top level; Gradescope unpacks
 No fixture: the autograder computes the reference's outputs for fresh inputs each run.
 
 Grading the reference takes about 7 s and about 340 MB for the whole process tree with the CPU build of
-torch; set the Gradescope autograder timeout to 10 minutes (the runner stops the student's code after 8).
+torch; set the Gradescope autograder timeout to 10 minutes (the runner writes results.json within 9, whatever
+the submission does).
 """
 import argparse
 import json

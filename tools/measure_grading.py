@@ -7,6 +7,7 @@ run_autograder, and samples every 50 ms the resident memory summed over the whol
 trusted processes, the student's processes). Run it as root, as Gradescope does.
 """
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -65,6 +66,11 @@ def main(argv=None):
         output = proc.stdout.read().decode(errors="replace").strip().splitlines()
         print(f"{output[-1] if output else '(no output)'}; {elapsed:.1f} s; peak RSS of the process tree "
               f"{peak / 2 ** 20:.0f} MB; python {args.python}")
+        with open(os.path.join(root, "results", "results.json")) as f:
+            notes = [t["output"] for t in json.load(f)["tests"] if t.get("visibility") == "hidden"]
+        for line in "\n".join(notes).splitlines():  # the sandbox the run had, and the student side's memory
+            if line.startswith(("memory limit", "peak memory", "cgroup", "namespaces", "plan:", "probes:")):
+                print("  " + line)
         return proc.returncode
     finally:
         shutil.rmtree(root, ignore_errors=True)
