@@ -17,8 +17,8 @@ import grade_class  # noqa: E402 - tools/ is on sys.path (autograder_sim)
 import grade_class_demo  # noqa: E402
 import make_handout  # noqa: E402
 
-MANIFEST = {"points": {"schedule": 50, "q_sample": 50},
-            "tests": [{"id": "a", "function": "schedule", "max_score": 50}, {"id": "b", "function": "q_sample", "max_score": 50}]}
+MANIFEST = {"points": {"schedule": 50, "q_sample": 50}, "tests": [{"id": "a", "function": "schedule", "max_score": 50},
+                                                                  {"id": "b", "function": "q_sample", "max_score": 50}]}
 HINT = "The noise term has the wrong sign: x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (eq. 13)."
 
 
@@ -46,8 +46,10 @@ class FakeGrader:
                  {"name": "q_sample: b", "score": 0 if bug else 50, "max_score": 50, "visibility": "visible",
                   "output": f"wrong\n  This output matches a known mistake:\n    - {HINT}" if bug else "passed"},
                  {"name": "grader notes (instructors only)", "score": 0, "max_score": 0, "visibility": "hidden",
-                  "output": "student process ran as uid 1234567 (throwaway, unprivileged)\nleftover processes: 2" if bug
-                  else "student process ran as uid 1234567 (throwaway, unprivileged)"}]
+                  "output": "submission mentions: pytest, subprocess, test_diffusion\nstudent process ran as uid "
+                            "1234567 (throwaway, unprivileged)\nleftover processes: 2" if bug else
+                            "submission mentions: pytest, test_diffusion\nstudent process ran as uid 1234567 "
+                            "(throwaway, unprivileged)"}]
         return grade_class.Graded(result={"score": 50.0 if bug else 100.0, "output": "", "tests": tests},
                                   seconds=1.5, peak_mb=300)
 
@@ -81,7 +83,8 @@ def test_each_student_is_graded_and_bad_input_is_marked_while_the_rest_go_on(tmp
     rows, report, grader = run(tmp_path, folder)
     assert set(rows) == {"ann", "ben", "cat", "dan", "eve", "fay", "gus", "hal", "ivy"}
     assert (rows["ann"]["status"], rows["ann"]["total"], rows["ann"]["q_sample"]) == ("graded", "100.0", "50")
-    assert (rows["ben"]["status"], rows["ben"]["total"], rows["ben"]["file"]) == ("graded", "50.0", "ben/hw/deep/diffusion.py")
+    assert (rows["ben"]["status"], rows["ben"]["total"]) == ("graded", "50.0")
+    assert rows["ben"]["file"] == "ben/hw/deep/diffusion.py"
     assert rows["cat"]["status"] == "grader crashed" and "the runner fell over" in rows["cat"]["reason"]
     assert rows["dan"]["status"] == "bad input" and "a PNG image, not Python source" in rows["dan"]["reason"]
     assert rows["eve"]["status"] == "bad input" and "2 files named diffusion.py" in rows["eve"]["reason"]
@@ -93,7 +96,10 @@ def test_each_student_is_graded_and_bad_input_is_marked_while_the_rest_go_on(tmp
     assert json.loads((tmp_path / "out" / "students" / "ben" / "results.json").read_text())["score"] == 50.0
     assert not (tmp_path / "out" / "students" / "cat").exists()
     assert f"| 1 | q_sample | eq. 13 | {HINT} | ben |" in report
-    assert "| ben | `leftover processes: 2` |" in report
+    # the handout's own docstring mentions pytest and test_diffusion: only what the student added is a warning
+    assert "| ben | `submission mentions: subprocess; leftover processes: 2` |" in report
+    assert "| ann |" not in report.split("## Hidden-note warnings")[1].split("## ")[0]
+    assert "| 1 | q_sample: b | ben |" in report  # checks failed most often
     assert "| sandbox: throwaway uid, no mount namespace (sees world-readable files) | 3 |" in report
     assert (tmp_path / "out" / "report.png").stat().st_size > 20000 and "](report.png)" in report
 
@@ -178,8 +184,8 @@ def test_the_copy_detector_pairs_a_renamed_copy_and_not_distinct_solutions():
                for name in ("float32_algorithm2", "float64_plain_indexing", "lucidrains_style")}
     sources["reference"] = REFERENCE
     sources["renamed_lucidrains"] = grade_class_demo.renamed_copy(sources["lucidrains_style"], grade_class_demo.RENAMES)
-    sources["renamed_reference"] = grade_class_demo.renamed_copy(REFERENCE, {"alphas_cumprod": "abar", "register": "keep",
-                                                                             "x_0": "x0", "img": "picture", "b": "n"})
+    renames = {"alphas_cumprod": "abar", "register": "keep", "x_0": "x0", "img": "picture", "b": "n"}
+    sources["renamed_reference"] = grade_class_demo.renamed_copy(REFERENCE, renames)
     sources["bare_handout"] = make_handout.strip_solutions(REFERENCE)[0]
     sources["bare_handout_too"] = sources["bare_handout"].replace("# TODO", "# todo!")
     assert sources["renamed_lucidrains"] != sources["lucidrains_style"]

@@ -48,7 +48,7 @@ sys.path.insert(0, HERE)
 
 import make_autograder  # noqa: E402
 import make_handout  # noqa: E402
-from autograder_runner import MAX_SOURCE, read_source, rss_of  # noqa: E402
+from autograder_runner import MAX_SOURCE, SUSPICIOUS, read_source, rss_of  # noqa: E402
 from measure_grading import tree  # noqa: E402  (a process and its descendants)
 
 SKIPPED_DIRS = ("__MACOSX",)  # and hidden folders, as the runner's find_submission
@@ -432,9 +432,10 @@ class Row:
     mistakes: set = field(default_factory=set)
     warnings: list = field(default_factory=list)
     stopped: tuple = ((), 0)
+    failed: set = field(default_factory=set)  # check names
 
 
-def row_of(sub, graded, functions):
+def row_of(sub, graded, functions, handout_mentions=()):
     if sub.problem:
         return Row(sub.student, sub.path, "bad input", contained="not run", reason=sub.problem)
     if graded.problem:
@@ -445,12 +446,26 @@ def row_of(sub, graded, functions):
     return Row(sub.student, sub.path, "not run" if failure else "graded", total=round(result["score"], 2),
                points=function_points(result, functions), seconds=graded.seconds, peak_mb=graded.peak_mb,
                contained=containment(result), reason=f"{failure[0]}: {failure[1]}" if failure else "",
-               mistakes=known_mistakes(result), warnings=warnings_in(hidden_notes(result)),
-               stopped=stopped_checks(result))
+               mistakes=known_mistakes(result), warnings=warnings_in(hidden_notes(result), handout_mentions),
+               stopped=stopped_checks(result), failed=failed_checks(result))
 
 
-def warnings_in(notes):
-    return [line for line in notes.splitlines() if WARNING_NOTE.match(line)]
+def warnings_in(notes, handout_mentions=()):
+    """The warning lines of the hidden notes; mentions the handout itself makes (in its docstrings) are left out."""
+    out = []
+    for line in notes.splitlines():
+        if line.startswith("submission mentions: "):
+            labels = [m for m in line.split(": ", 1)[1].split(", ") if m not in handout_mentions]
+            line = "submission mentions: " + ", ".join(labels) if labels else ""
+        if WARNING_NOTE.match(line):
+            out.append(line)
+    return out
+
+
+def failed_checks(result):
+    """Names of the checks that lost points, without the small/large T variant (one check, two runs)."""
+    return {re.sub(r"-(small|large)_T\b.*", "", t["name"]) for t in visible_tests(result)
+            if t["score"] < t["max_score"]}
 
 
 def write_atomic(path, text):
@@ -545,12 +560,13 @@ def report(rows, manifest, pairs, untokenized, info):
     graded = [r for r in rows if r.total is not None]
     totals = sorted(r.total for r in graded)
     table = mistake_table(rows)
-    count = {status: sum(1 for r in rows if r.status == status) for status in ("not run", "bad input", "grader crashed")}
+    count = {status: sum(1 for r in rows if r.status == status)
+             for status in ("not run", "bad input", "grader crashed")}
     lines = [f"# Class report: {info['submissions']}", "",
              f"{len(rows)} students: {len(graded)} graded (of which {count['not run']} could not run and score 0), "
              f"{count['bad input']} bad input, {count['grader crashed']} grader crashes. Grader: {info['zip']} "
-             f"(sha256 {info['zip_sha'][:12]}), limits {info['limits']}, {info['jobs']} at a time; "
-             f"this run graded {info['graded_now']} files in {info['wall']:.0f} s (the others came from the cache).", ""]
+             f"(sha256 {info['zip_sha'][:12]}), limits {info['limits']}, {info['jobs']} at a time; this run graded "
+             f"{info['graded_now']} files in {info['wall']:.0f} s (the others came from the cache).", ""]
     if totals:
         secs = sorted(r.seconds for r in graded if r.seconds)
         lines += [f"Mean {sum(totals) / len(totals):.1f}, median {totals[len(totals) // 2]:.1f}, "
@@ -566,26 +582,37 @@ def report(rows, manifest, pairs, untokenized, info):
          f"{sum(1 for r in graded if r.points.get(f, 0) >= most - 1e-6)} of {len(graded)}")
         for f, most in manifest["points"].items()])
     lines += ["## Known mistakes the judges matched", "",
-              "What the judges recognised in failing outputs (the mutant catalogue of tools/mutation_test.py run on the "
-              "same inputs); one student may show several (the figure above shows the most frequent).", ""]
+              "What the judges recognised in failing outputs (the mutant catalogue of tools/mutation_test.py run on "
+              "the same inputs); one student may show several (the figure above shows the most frequent).", ""]
     lines += md_table(["students", "function", "equation", "mistake", "who"], [
         (len(students), function, eq, cell(hint, 300), cell(", ".join(students), 200))
         for hint, function, eq, students in table])
+    failing = {}
+    for r in rows:
+        for name in r.failed if r.status == "graded" else ():
+            failing.setdefault(name, []).append(r.student)
+    lines += ["## Checks failed most often", "",
+              "Every check that lost points, with how many students (of those whose code ran); the judges of forward "
+              "and p_sample_loop explain mistakes in their own words (no known-mistake match), so those show here.", ""]
+    lines += md_table(["students", "check", "who"], [(len(who), name, cell(", ".join(who), 200)) for name, who in
+                                                     sorted(failing.items(), key=lambda kv: (-len(kv[1]), kv[0]))])
     lines += ["## Submissions that could not run", ""]
     lines += md_table(["student", "status", "reason"], [
         (cell(r.student, 60), r.status, cell(r.reason, 300, code=True)) if r.status != "graded" else
         (cell(r.student, 60), f"{r.stopped[1]} checks stopped", cell("; ".join(r.stopped[0]), 300, code=True))
         for r in rows if r.status != "graded" or r.stopped[1]])
     lines += ["## Hidden-note warnings", "",
-              "From the grader's notes for instructors (mentions of suspicious names are not proof of anything).", ""]
+              "From the grader's notes for instructors. Mentions of suspicious names are not proof of anything; those "
+              f"the handout itself makes ({', '.join(sorted(info['handout_mentions'])) or 'none'}) are left out.", ""]
     lines += md_table(["student", "warnings"], [(cell(r.student, 60), cell("; ".join(r.warnings), 400, code=True))
                                                 for r in rows if r.warnings])
     lines += ["## Suspiciously similar submissions", "",
               f"Measure: each file is tokenized with comments, docstrings and layout dropped, strings replaced by one "
               f"token and every identifier renamed by order of first appearance in each function (so renamed variables "
               f"and changed comments do not hide a copy); {KGRAM}-token k-grams are hashed and winnowed (window "
-              f"{WINDOW}, as MOSS), and the fingerprints of the handout's skeleton (tools/make_handout.py applied to the "
-              f"reference) are removed, so that what every student was given does not make correct solutions alike. "
+              f"{WINDOW}, as MOSS), and the fingerprints of the handout's skeleton (tools/make_handout.py applied to "
+              f"the reference) are removed, so that what every student was given does not make correct solutions "
+              f"alike. "
               f"Similarity = shared fingerprints / fingerprints of the smaller file; flagged at >= {SIMILAR} with at "
               f"least {MIN_SHARED} shared. **This flags pairs for a human to read, it is not a verdict**: students "
               f"may share a common source, the same hint from recitation, or start from the same published code.", ""]
@@ -604,11 +631,12 @@ def main(argv=None, grade=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("submissions", help="folder (or zip) with one folder per student, each holding a diffusion.py")
     parser.add_argument("--out", default=None, help="output folder (default: SUBMISSIONS + '_graded')")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="files graded at a time (default: %(default)s)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="files graded at a time (default: %(default)s, the number of cores)")
     parser.add_argument("--zip", default=None, help="the autograder zip (default: built from this repository into OUT)")
     parser.add_argument("--python", default=sys.executable, help="interpreter for the grader and the student's code, "
                         "runnable by an unprivileged uid (default: %(default)s)")
-    parser.add_argument("--time-limit", type=float, default=480.0, help="per file, the runner's (default: %(default)s s)")
+    parser.add_argument("--time-limit", type=float, default=480.0, help="per file (default: %(default)s s)")
     parser.add_argument("--probe-timeout", type=float, default=60.0, help="per probe (default: %(default)s s)")
     parser.add_argument("--memory-mb", type=int, default=640, help="the student's processes (default: %(default)s)")
     parser.add_argument("--allow-same-user", action="store_true",
@@ -627,8 +655,8 @@ def main(argv=None, grade=None):
     if args.zip and not zipfile.is_zipfile(args.zip):
         refuse(f"--zip {args.zip} is not a zip; build one with python tools/make_autograder.py")
     if grade is None and os.geteuid() != 0 and not args.allow_same_user:
-        refuse("not running as root, so the students' code cannot be run as a separate unprivileged user; run as root "
-               "(as Gradescope does), or pass --allow-same-user on a machine you do not mind them reading (no isolation)")
+        refuse("not running as root, so the students' code cannot be run as a separate unprivileged user; run as "
+               "root (as Gradescope does), or pass --allow-same-user on a machine you do not mind them reading")
     subs = collect(submissions)  # refuses a bad class before anything is written
 
     os.makedirs(os.path.join(out, ".cache"), exist_ok=True)
@@ -659,24 +687,27 @@ def main(argv=None, grade=None):
         first = check.problem or next((t["output"] for t in visible_tests(check.result) if t["score"] < t["max_score"]),
                                       check.result.get("output", ""))
         refuse(f"the zip's reference solution scores {'nothing' if check.problem else check.result['score']} with "
-               f"--python {args.python}, so the setup is broken and no student was graded (check --python and the limits; a CUDA "
-               f"build of torch needs a higher --memory-mb than the CPU build): {cell(first, 300)}")
+               f"--python {args.python}, so the setup is broken and no student was graded (check --python and the "
+               f"limits; a CUDA build of torch needs a higher --memory-mb than the CPU build): {cell(first, 300)}")
     sources = {key_of(s.source): s.source for s in subs if not s.problem}
     graded = grade_all(sources, grade, cache, args.jobs, progress=not args.no_progress)
     wall = time.time() - started
 
     functions = list(manifest["points"])
-    rows = [row_of(s, graded.get(key_of(s.source)) if not s.problem else None, functions) for s in subs]
+    skeleton = make_handout.strip_solutions(reference.decode())[0]
+    handout_mentions = {label for label, pattern in SUSPICIOUS.items() if re.search(pattern, skeleton)}
+    rows = [row_of(s, graded.get(key_of(s.source)) if not s.problem else None, functions, handout_mentions)
+            for s in subs]
     for s, r in zip(subs, rows):
         if r.status in ("graded", "not run"):
             folder = os.path.join(out, "students", s.student)
             os.makedirs(folder, exist_ok=True)
             write_atomic(os.path.join(folder, "results.json"), json.dumps(graded[key_of(s.source)].result, indent=1))
     write_csv(os.path.join(out, "grades.csv"), rows, functions)
-    pairs, untokenized = similar_pairs({s.student: s.source for s in subs if not s.problem},
-                                       make_handout.strip_solutions(reference.decode())[0])
-    info = {"submissions": args.submissions, "zip": os.path.relpath(zip_path, out) if zip_path.startswith(out) else zip_path,
-            "zip_sha": zip_sha, "limits": limits, "jobs": args.jobs, "graded_now": len(calls), "wall": wall}
+    pairs, untokenized = similar_pairs({s.student: s.source for s in subs if not s.problem}, skeleton)
+    info = {"submissions": args.submissions, "zip": zip_path,
+            "zip_sha": zip_sha, "limits": limits, "jobs": args.jobs, "graded_now": len(calls), "wall": wall,
+            "handout_mentions": handout_mentions}
     text, table = report(rows, manifest, pairs, untokenized, info)
     write_figure(os.path.join(out, "report.png"), rows, manifest, table)
     write_atomic(os.path.join(out, "report.md"), text)

@@ -104,7 +104,7 @@ def make_class(folder, mutants=None, alternatives=True, red_team=True, broken=Tr
         for student, source in attacks().items():
             files[f"{student}/diffusion.py"], carries[student] = source, list(WRONG_MATH)
     if broken:
-        files["broken_syntax/diffusion.py"] = REFERENCE.replace("def q_sample(self, x_0, t, noise):", "def q_sample(self)")
+        files["broken_syntax/diffusion.py"] = REFERENCE.replace("def q_sample(self, x_0, t, noise):", "def q_sample()")
         files["broken_import/diffusion.py"] = "import einops_of_my_own\n" + REFERENCE
         files["broken_bare_handout/diffusion.py"] = make_handout.strip_solutions(REFERENCE)[0]
         files["broken_binary/diffusion.py"] = b"PK\x03\x04" + os.urandom(64)
@@ -158,6 +158,10 @@ def check_copies(pairs):
     return problems
 
 
+def uptime():
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="/tmp/demo_class_graded", help="(default: %(default)s; emptied first)")
@@ -165,15 +169,16 @@ def main(argv=None):
     parser.add_argument("--python", default=sys.executable, help="(default: %(default)s)")
     parser.add_argument("--memory-mb", type=int, default=640, help="the runner's watchdog (default: %(default)s)")
     parser.add_argument("--probe-timeout", type=float, default=20.0,
-                        help="shorter than Gradescope's 60 s: the red team's infinite loop waits it out (default: %(default)s)")
+                        help="per probe; Gradescope's is 60 s, the red team's infinite loop waits it out "
+                             "(default: %(default)s)")
     args = parser.parse_args(argv)
     shutil.rmtree(args.out, ignore_errors=True)
     folder = os.path.join(args.out, "class")
     carries = make_class(folder)
-    print(f"{len(carries)} students in {folder}; uptime:{subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
+    print(f"{len(carries)} students in {folder}; uptime before: {uptime()}")
     grade_class.main([folder, "--out", args.out, "--jobs", str(args.jobs), "--python", args.python,
                       "--memory-mb", str(args.memory_mb), "--probe-timeout", str(args.probe_timeout)])
-    print(f"uptime after: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
+    print(f"uptime after: {uptime()}")
     with open(os.path.join(args.out, "grades.csv")) as f:
         rows = {r["student"]: r for r in csv.DictReader(f)}
     with open(os.path.join(args.out, "report.md")) as f:
@@ -193,7 +198,8 @@ def main(argv=None):
     pairs = [(a, b) for _, _, a, b in grade_class.similar_pairs(sources, skeleton)[0]]
     problems = check_mistakes(report_text, carries, rows) + check_copies(pairs)
     if rows["copy_of_lucidrains"]["total"] != rows[COPIED]["total"]:
-        problems.append(f"the renamed copy scores {rows['copy_of_lucidrains']['total']}, its original {rows[COPIED]['total']}")
+        problems.append(f"the renamed copy scores {rows['copy_of_lucidrains']['total']}, "
+                        f"its original {rows[COPIED]['total']}")
     print("\n".join(["checks:"] + (problems or ["all passed"])))
     return 1 if problems else 0
 
