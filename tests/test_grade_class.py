@@ -7,6 +7,7 @@ The full check on a class of 81 (every mutant, the alternative solutions, the re
 import csv
 import json
 import os
+import time
 import zipfile
 
 import pytest
@@ -170,12 +171,20 @@ def test_other_bad_arguments_are_refused(tmp_path):
         grade_class.main([str(folder), "--zip", str(folder / "ann" / "diffusion.py")], grade=FakeGrader())
 
 
-def test_a_broken_setup_stops_before_the_class(tmp_path):
-    folder = write(tmp_path / "class", {"ann/diffusion.py": REFERENCE + "#a"})
+def test_a_broken_setup_stops_the_class_and_caches_nothing(tmp_path):
+    folder = write(tmp_path / "class", {f"s{i}/diffusion.py": REFERENCE + f"#{i}" for i in range(6)})
+    broken = FakeGrader()
 
-    with pytest.raises(SystemExit, match="reference solution scores 50.0"):
-        run(tmp_path, folder, grader=lambda source: FakeGrader()(source + b"BUG"))
+    def broken_setup(source):  # every file loses points, the reference too; a student's grading takes a while
+        time.sleep(0.5 * (source != REFERENCE.encode()))
+        return broken(source + b"BUG")
+
+    with pytest.raises(SystemExit, match="reference solution scores 50.0 .* the class was not graded"):
+        run(tmp_path, folder, grader=broken_setup, extra=["--jobs", "2"])
+    assert broken.calls < 7  # the reference, and what had started beside it; the rest was cancelled
     assert not (tmp_path / "out" / "grades.csv").exists()
+    _, _, fixed = run(tmp_path, folder)
+    assert fixed.calls == 7  # nothing graded with the broken setup was kept
 
 
 def test_the_copy_detector_pairs_a_renamed_copy_and_not_distinct_solutions():

@@ -395,24 +395,36 @@ def save_cached(cache, key, graded):
     os.replace(tmp, final)
 
 
-def grade_all(sources, grade, cache, jobs, progress=True):
-    """{key: Graded} for every source ({key: bytes}), grading only what the cache lacks (crashes are retried)."""
+def grade_all(sources, grade, cache, jobs, check, progress=True):
+    """{key: Graded} for every source ({key: bytes}; the first is the reference solution), grading only what the
+    cache lacks (crashes are retried). check(graded) raises SystemExit when the reference's grading shows a broken
+    setup: the gradings not started yet are cancelled, and nothing graded with that setup is cached."""
     from tqdm import tqdm
 
     done = {key: g for key in sources if (g := load_cached(cache, key)) is not None}
-    todo = [key for key in sources if key not in done]
+    reference = next(iter(sources))
+    checked = reference in done and check(done[reference]) is None
+    todo = [key for key in sources if key not in done]  # the reference first
+    unsaved = []
     with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool, \
             tqdm(total=len(todo), unit="file", desc="grading", disable=not progress or not todo) as bar:
         futures = {pool.submit(grade, sources[key]): key for key in todo}
         for future in concurrent.futures.as_completed(futures):
             key = futures[future]
             try:
-                graded = future.result()
+                done[key] = future.result()
             except Exception as exc:  # noqa: BLE001 - one student's grading must not stop the class
-                graded = Graded(problem=f"grading crashed ({type(exc).__name__}: {str(exc)[:300]})")
-            if not graded.problem:
-                save_cached(cache, key, graded)
-            done[key] = graded
+                done[key] = Graded(problem=f"grading crashed ({type(exc).__name__}: {str(exc)[:300]})")
+            if key == reference:
+                try:
+                    checked = check(done[key]) is None
+                except SystemExit:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
+            unsaved += [key] * (not done[key].problem)
+            while checked and unsaved:
+                key = unsaved.pop()
+                save_cached(cache, key, done[key])
             bar.update()
     return done
 
@@ -682,15 +694,18 @@ def main(argv=None, grade=None):
 
     cache = os.path.join(out, ".cache")
     started = time.time()
-    check = grade_all({key_of(reference): reference}, grade, cache, 1, progress=False)[key_of(reference)]
-    if check.problem or abs(check.result["score"] - 100) > 1e-3:
-        first = check.problem or next((t["output"] for t in visible_tests(check.result) if t["score"] < t["max_score"]),
-                                      check.result.get("output", ""))
-        refuse(f"the zip's reference solution scores {'nothing' if check.problem else check.result['score']} with "
-               f"--python {args.python}, so the setup is broken and no student was graded (check --python and the "
-               f"limits; a CUDA build of torch needs a higher --memory-mb than the CPU build): {cell(first, 300)}")
-    sources = {key_of(s.source): s.source for s in subs if not s.problem}
-    graded = grade_all(sources, grade, cache, args.jobs, progress=not args.no_progress)
+    def check(graded):
+        """The reference scores 100, or the setup (interpreter, limits, zip) is broken: refuse the class."""
+        if graded.problem or abs(graded.result["score"] - 100) > 1e-3:
+            first = graded.problem or next((t["output"] for t in visible_tests(graded.result)
+                                            if t["score"] < t["max_score"]), graded.result.get("output", ""))
+            refuse(f"the zip's reference solution scores {'nothing' if graded.problem else graded.result['score']} "
+                   f"with --python {args.python}, so the setup is broken and the class was not graded (check --python "
+                   f"and the limits; a CUDA build of torch needs a higher --memory-mb than the CPU build): "
+                   f"{cell(first, 300)}")
+
+    sources = {key_of(reference): reference} | {key_of(s.source): s.source for s in subs if not s.problem}
+    graded = grade_all(sources, grade, cache, args.jobs, check, progress=not args.no_progress)
     wall = time.time() - started
 
     functions = list(manifest["points"])
