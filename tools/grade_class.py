@@ -9,12 +9,14 @@ the zip, submission/, results/), i.e. the same sandbox, trusted judge and secret
 time. As root the student's code runs in the sandbox (throwaway uid); without root this tool refuses unless
 --allow-same-user is given (development only: no isolation), as the runner does.
 
-Before the class, the zip's reference solution is graded as a check of the setup: unless it scores 100, nothing
-else is graded. Results are cached in OUT/.cache by the file's content, the zip's hash and the limits, so a
-re-run grades only new or changed files (and a file handed in twice is graded once).
+The zip's reference solution is graded first, as a check of the setup (beside the first students): unless it
+scores 100, the class is refused and nothing is cached. Results are cached in OUT/.cache by the file's content,
+the zip's hash and the limits, so a re-run grades only new or changed files (and a file handed in twice is graded
+once). tools/GRADING.md, "Grading a class", has the details; tools/grade_class_demo.py checks it end to end.
 
 Writes to OUT (default: SUBMISSIONS with "_graded" appended):
-  grades.csv                  student, file, status, total, points per graded function, seconds, peak MB, containment
+  grades.csv                  student, file, status, total, points per graded function, seconds (wall and CPU) and
+                              peak memory of the grading, containment, the reason when not graded
   students/<student>/results.json   what the student would see on Gradescope (plus the hidden notes)
   report.md, report.png       scores, per-function pass rates, known mistakes, submissions that could not run,
                               hidden-note warnings, suspiciously similar pairs (for a human to look at)
@@ -37,6 +39,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tokenize
 import zipfile
@@ -188,9 +191,13 @@ def collect(submissions):
 @dataclass
 class Graded:
     result: dict = None  # results.json
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall clock
+    cpu_seconds: float = 0.0  # user + system time of the whole process tree (what a busy machine does not change)
     peak_mb: float = 0.0
     problem: str = ""  # the grader itself crashed or hung
+
+
+STOP = threading.Event()  # set on Ctrl-C: running graders are killed
 
 
 def grade_with_zip(source, zip_path, python, limits, allow_same_user):
@@ -212,15 +219,20 @@ def grade_with_zip(source, zip_path, python, limits, allow_same_user):
         with open(os.path.join(root, "grader.log"), "w+b") as log:
             proc = subprocess.Popen(command, cwd=os.path.join(root, "source"), env=env, stdout=log, stderr=log,
                                     start_new_session=True)
-            while proc.poll() is None:
+            while True:
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)  # usage: the grader and what it waited for
+                if pid:
+                    proc.returncode = os.waitstatus_to_exitcode(status)
+                    break
                 peak = max(peak, rss_of(tree(proc.pid)))
-                if time.time() - start > deadline:  # a backstop: the runner has its own limits
+                if STOP.is_set() or time.time() - start > deadline:  # a backstop: the runner has its own limits
                     os.killpg(proc.pid, signal.SIGKILL)
                 time.sleep(0.1)
             seconds = time.time() - start
             log.seek(max(0, log.seek(0, 2) - 2000))
             tail = log.read().decode(errors="replace").strip().splitlines()
-        graded = Graded(seconds=round(seconds, 2), peak_mb=round(peak / 2 ** 20))
+        graded = Graded(seconds=round(seconds, 2), cpu_seconds=round(usage.ru_utime + usage.ru_stime, 2),
+                        peak_mb=round(peak / 2 ** 20))
         try:
             with open(os.path.join(root, "results", "results.json")) as f:
                 graded.result = json.load(f)
@@ -379,28 +391,23 @@ def sha256(data):
 
 def load_cached(cache, key):
     try:
-        with open(os.path.join(cache, key, "graded.json")) as f:
+        with open(os.path.join(cache, key + ".json")) as f:
             return Graded(**json.load(f))
     except (OSError, ValueError, TypeError):
         return None
 
 
 def save_cached(cache, key, graded):
-    """Written whole or not at all (temporary folder, then rename), so an interrupted run resumes cleanly."""
-    tmp = tempfile.mkdtemp(dir=cache, prefix=".tmp-")
-    with open(os.path.join(tmp, "graded.json"), "w") as f:
-        json.dump(graded.__dict__, f)
-    final = os.path.join(cache, key)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    write_atomic(os.path.join(cache, key + ".json"), json.dumps(graded.__dict__))
 
 
 def grade_all(sources, grade, cache, jobs, check, progress=True):
-    """{key: Graded} for every source ({key: bytes}; the first is the reference solution), grading only what the
-    cache lacks (crashes are retried). check(graded) raises SystemExit when the reference's grading shows a broken
-    setup: the gradings not started yet are cancelled, and nothing graded with that setup is cached."""
+    """({key: Graded} for every source ({key: bytes}; the first is the reference solution), how many were graded
+    now): only what the cache lacks is graded (crashes are retried). check(graded) raises SystemExit when the
+    reference's grading shows a broken setup: what has not started is cancelled, and nothing graded is cached."""
     from tqdm import tqdm
 
+    STOP.clear()
     done = {key: g for key in sources if (g := load_cached(cache, key)) is not None}
     reference = next(iter(sources))
     checked = reference in done and check(done[reference]) is None
@@ -409,24 +416,26 @@ def grade_all(sources, grade, cache, jobs, check, progress=True):
     with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool, \
             tqdm(total=len(todo), unit="file", desc="grading", disable=not progress or not todo) as bar:
         futures = {pool.submit(grade, sources[key]): key for key in todo}
-        for future in concurrent.futures.as_completed(futures):
-            key = futures[future]
-            try:
-                done[key] = future.result()
-            except Exception as exc:  # noqa: BLE001 - one student's grading must not stop the class
-                done[key] = Graded(problem=f"grading crashed ({type(exc).__name__}: {str(exc)[:300]})")
-            if key == reference:
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                key = futures[future]
                 try:
+                    done[key] = future.result()
+                except Exception as exc:  # noqa: BLE001 - one student's grading must not stop the class
+                    done[key] = Graded(problem=f"grading crashed ({type(exc).__name__}: {str(exc)[:300]})")
+                if key == reference:
                     checked = check(done[key]) is None
-                except SystemExit:
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    raise
-            unsaved += [key] * (not done[key].problem)
-            while checked and unsaved:
-                key = unsaved.pop()
-                save_cached(cache, key, done[key])
-            bar.update()
-    return done
+                if not done[key].problem:
+                    unsaved.append(key)
+                while checked and unsaved:
+                    key = unsaved.pop()
+                    save_cached(cache, key, done[key])
+                bar.update()
+        except BaseException:  # a broken setup, Ctrl-C: cancel what has not started, stop what runs
+            pool.shutdown(wait=False, cancel_futures=True)
+            STOP.set()
+            raise
+    return done, len(todo)
 
 
 @dataclass
@@ -438,6 +447,7 @@ class Row:
     total: float = None
     points: dict = field(default_factory=dict)
     seconds: float = None
+    cpu_seconds: float = None
     peak_mb: float = None
     contained: str = ""
     reason: str = ""
@@ -450,13 +460,13 @@ class Row:
 def row_of(sub, graded, functions, handout_mentions=()):
     if sub.problem:
         return Row(sub.student, sub.path, "bad input", contained="not run", reason=sub.problem)
+    timing = {"seconds": graded.seconds, "cpu_seconds": graded.cpu_seconds, "peak_mb": graded.peak_mb}
     if graded.problem:
-        return Row(sub.student, sub.path, "grader crashed", seconds=graded.seconds, peak_mb=graded.peak_mb,
-                   contained="unknown", reason=graded.problem)
+        return Row(sub.student, sub.path, "grader crashed", contained="unknown", reason=graded.problem, **timing)
     result = graded.result
     failure = could_not_run(result)
     return Row(sub.student, sub.path, "not run" if failure else "graded", total=round(result["score"], 2),
-               points=function_points(result, functions), seconds=graded.seconds, peak_mb=graded.peak_mb,
+               points=function_points(result, functions), **timing,
                contained=containment(result), reason=f"{failure[0]}: {failure[1]}" if failure else "",
                mistakes=known_mistakes(result), warnings=warnings_in(hidden_notes(result), handout_mentions),
                stopped=stopped_checks(result), failed=failed_checks(result))
@@ -481,6 +491,7 @@ def failed_checks(result):
 
 
 def write_atomic(path, text):
+    """Written whole or not at all (so an interrupted run leaves the previous file, or none)."""
     with open(path + ".tmp", "w", newline="") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
@@ -489,11 +500,13 @@ def write_atomic(path, text):
 def write_csv(path, rows, functions):
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["student", "file", "status", "total", *functions, "seconds", "peak_mb", "contained", "reason"])
+    writer.writerow(["student", "file", "status", "total", *functions, "seconds", "cpu_seconds", "peak_mb",
+                     "contained", "reason"])
     for r in rows:
         writer.writerow([r.student, r.file, r.status, "" if r.total is None else r.total,
-                         *[r.points.get(f, "") for f in functions], "" if r.seconds is None else r.seconds,
-                         "" if r.peak_mb is None else r.peak_mb, r.contained, r.reason.split("\n")[0][:300]])
+                         *[r.points.get(f, "") for f in functions],
+                         *["" if v is None else v for v in (r.seconds, r.cpu_seconds, r.peak_mb)],
+                         r.contained, r.reason.split("\n")[0][:300]])
     write_atomic(path, buffer.getvalue())
 
 
@@ -580,11 +593,11 @@ def report(rows, manifest, pairs, untokenized, info):
              f"(sha256 {info['zip_sha'][:12]}), limits {info['limits']}, {info['jobs']} at a time; this run graded "
              f"{info['graded_now']} files in {info['wall']:.0f} s (the others came from the cache).", ""]
     if totals:
-        secs = sorted(r.seconds for r in graded if r.seconds)
+        wall, cpu = sorted(r.seconds or 0 for r in graded), sorted(r.cpu_seconds or 0 for r in graded)
         lines += [f"Mean {sum(totals) / len(totals):.1f}, median {totals[len(totals) // 2]:.1f}, "
-                  f"{sum(1 for t in totals if t >= 100 - 1e-6)} at 100. Grading took {min(secs):.1f}-{max(secs):.1f} s "
-                  f"per file (median {secs[len(secs) // 2]:.1f} s), peak {max(r.peak_mb or 0 for r in graded):.0f} MB "
-                  "(whole process tree of one grading).", ""]
+                  f"{sum(1 for t in totals if t >= 100 - 1e-6)} at 100. Grading one file took a median of "
+                  f"{wall[len(wall) // 2]:.1f} s (at most {wall[-1]:.1f} s) and {cpu[len(cpu) // 2]:.1f} s of CPU, "
+                  f"with a peak of {max(r.peak_mb or 0 for r in graded):.0f} MB (its whole process tree).", ""]
     lines += ["## How each file was contained", ""]
     lines += md_table(["containment", "students"], [(how, sum(1 for r in rows if r.contained == how))
                                                     for how in sorted({r.contained for r in rows})])
@@ -639,6 +652,35 @@ def report(rows, manifest, pairs, untokenized, info):
 
 
 # ------------------------------------------------------------------ main
+def check_setup(graded, python):
+    """Refuses the class unless the reference solution scored 100: else the interpreter, the limits or the zip is
+    wrong, and every student's grade would be too."""
+    if graded.problem or abs(graded.result["score"] - 100) > 1e-3:
+        first = graded.problem or next((t["output"] for t in visible_tests(graded.result)
+                                        if t["score"] < t["max_score"]), graded.result.get("output", ""))
+        refuse(f"the zip's reference solution scores {'nothing' if graded.problem else graded.result['score']} with "
+               f"--python {python}, so the setup is broken and the class was not graded (check --python and the "
+               f"limits; a CUDA build of torch needs a higher --memory-mb than the CPU build): {cell(first, 300)}")
+
+
+def write_outputs(out, subs, graded, manifest, skeleton, info):
+    """grades.csv, students/*/results.json, report.md and report.png; `graded`: {student: Graded}."""
+    functions = list(manifest["points"])
+    mentions = {label for label, pattern in SUSPICIOUS.items() if re.search(pattern, skeleton)}
+    rows = [row_of(s, graded.get(s.student), functions, mentions) for s in subs]
+    for r in rows:
+        if r.status in ("graded", "not run"):
+            os.makedirs(os.path.join(out, "students", r.student), exist_ok=True)
+            write_atomic(os.path.join(out, "students", r.student, "results.json"),
+                         json.dumps(graded[r.student].result, indent=1))
+    write_csv(os.path.join(out, "grades.csv"), rows, functions)
+    pairs, untokenized = similar_pairs({s.student: s.source for s in subs if not s.problem}, skeleton)
+    text, table = report(rows, manifest, pairs, untokenized, dict(info, handout_mentions=mentions))
+    write_figure(os.path.join(out, "report.png"), rows, manifest, table)
+    write_atomic(os.path.join(out, "report.md"), text)
+    return rows
+
+
 def main(argv=None, grade=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("submissions", help="folder (or zip) with one folder per student, each holding a diffusion.py")
@@ -671,63 +713,32 @@ def main(argv=None, grade=None):
                "root (as Gradescope does), or pass --allow-same-user on a machine you do not mind them reading")
     subs = collect(submissions)  # refuses a bad class before anything is written
 
-    os.makedirs(os.path.join(out, ".cache"), exist_ok=True)
-    zip_path = args.zip
-    if zip_path is None:
-        zip_path = os.path.join(out, "autograder.zip")
+    cache = os.path.join(out, ".cache")
+    os.makedirs(cache, exist_ok=True)
+    zip_path = args.zip or os.path.join(out, "autograder.zip")
+    if args.zip is None:
         print(f"building {zip_path} from {ROOT}", file=sys.stderr)
         make_autograder.build(zip_path)
     manifest, reference = zip_contents(zip_path)
     with open(zip_path, "rb") as f:
         zip_sha = sha256(f.read())
     limits = {"time_limit": args.time_limit, "probe_timeout": args.probe_timeout, "memory_mb": args.memory_mb}
-    grade_one = grade or (lambda source: grade_with_zip(source, zip_path, args.python, limits, args.allow_same_user))
-    calls = []
-
-    def grade(source):  # counted, for the report
-        calls.append(1)
-        return grade_one(source)
-    version = json.dumps([zip_sha, limits, args.allow_same_user])
+    grade = grade or (lambda source: grade_with_zip(source, zip_path, args.python, limits, args.allow_same_user))
+    version = json.dumps([zip_sha, limits, args.allow_same_user]).encode()  # what a result depends on, but the file
 
     def key_of(source):
-        return sha256(version.encode() + sha256(source).encode())
+        return sha256(version + sha256(source).encode())
 
-    cache = os.path.join(out, ".cache")
     started = time.time()
-    def check(graded):
-        """The reference scores 100, or the setup (interpreter, limits, zip) is broken: refuse the class."""
-        if graded.problem or abs(graded.result["score"] - 100) > 1e-3:
-            first = graded.problem or next((t["output"] for t in visible_tests(graded.result)
-                                            if t["score"] < t["max_score"]), graded.result.get("output", ""))
-            refuse(f"the zip's reference solution scores {'nothing' if graded.problem else graded.result['score']} "
-                   f"with --python {args.python}, so the setup is broken and the class was not graded (check --python "
-                   f"and the limits; a CUDA build of torch needs a higher --memory-mb than the CPU build): "
-                   f"{cell(first, 300)}")
-
     sources = {key_of(reference): reference} | {key_of(s.source): s.source for s in subs if not s.problem}
-    graded = grade_all(sources, grade, cache, args.jobs, check, progress=not args.no_progress)
-    wall = time.time() - started
-
-    functions = list(manifest["points"])
-    skeleton = make_handout.strip_solutions(reference.decode())[0]
-    handout_mentions = {label for label, pattern in SUSPICIOUS.items() if re.search(pattern, skeleton)}
-    rows = [row_of(s, graded.get(key_of(s.source)) if not s.problem else None, functions, handout_mentions)
-            for s in subs]
-    for s, r in zip(subs, rows):
-        if r.status in ("graded", "not run"):
-            folder = os.path.join(out, "students", s.student)
-            os.makedirs(folder, exist_ok=True)
-            write_atomic(os.path.join(folder, "results.json"), json.dumps(graded[key_of(s.source)].result, indent=1))
-    write_csv(os.path.join(out, "grades.csv"), rows, functions)
-    pairs, untokenized = similar_pairs({s.student: s.source for s in subs if not s.problem}, skeleton)
-    info = {"submissions": args.submissions, "zip": zip_path,
-            "zip_sha": zip_sha, "limits": limits, "jobs": args.jobs, "graded_now": len(calls), "wall": wall,
-            "handout_mentions": handout_mentions}
-    text, table = report(rows, manifest, pairs, untokenized, info)
-    write_figure(os.path.join(out, "report.png"), rows, manifest, table)
-    write_atomic(os.path.join(out, "report.md"), text)
-    print(f"{len(rows)} students ({len(calls)} files graded now, the others from the cache, "
-          f"{sum(1 for r in rows if r.status in ('bad input', 'grader crashed'))} marked); {wall:.0f} s; "
+    by_key, graded_now = grade_all(sources, grade, cache, args.jobs, lambda g: check_setup(g, args.python),
+                                   progress=not args.no_progress)
+    info = {"submissions": args.submissions, "zip": zip_path, "zip_sha": zip_sha, "limits": limits, "jobs": args.jobs,
+            "graded_now": graded_now, "wall": time.time() - started}
+    rows = write_outputs(out, subs, {s.student: by_key[key_of(s.source)] for s in subs if not s.problem}, manifest,
+                         make_handout.strip_solutions(reference.decode())[0], info)
+    print(f"{len(rows)} students ({graded_now} files graded now, the others from the cache; "
+          f"{sum(1 for r in rows if r.status in ('bad input', 'grader crashed'))} marked); {info['wall']:.0f} s; "
           f"{os.path.join(out, 'grades.csv')}, {os.path.join(out, 'report.md')}")
     return 0
 

@@ -25,6 +25,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import tokenize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -176,6 +177,7 @@ def main(argv=None):
     folder = os.path.join(args.out, "class")
     carries = make_class(folder)
     print(f"{len(carries)} students in {folder}; uptime before: {uptime()}")
+    started = time.time()
     grade_class.main([folder, "--out", args.out, "--jobs", str(args.jobs), "--python", args.python,
                       "--memory-mb", str(args.memory_mb), "--probe-timeout", str(args.probe_timeout)])
     print(f"uptime after: {uptime()}")
@@ -184,11 +186,12 @@ def main(argv=None):
     with open(os.path.join(args.out, "report.md")) as f:
         report_text = f.read()
     run = [r for r in rows.values() if r["seconds"] and r["status"] == "graded"]
-    seconds = sorted(float(r["seconds"]) for r in run)
-    peaks = sorted(float(r["peak_mb"]) for r in run)
-    print(f"graded through the runner: {len(run)} files; seconds per file: median {seconds[len(seconds) // 2]:.1f}, "
-          f"mean {sum(seconds) / len(seconds):.1f}, max {seconds[-1]:.1f}; peak MB per grading: median "
-          f"{peaks[len(peaks) // 2]:.0f}, max {peaks[-1]:.0f}; jobs {args.jobs}")
+    seconds, cpu, peaks = (sorted(float(r[column]) for r in run) for column in ("seconds", "cpu_seconds", "peak_mb"))
+    print(f"graded through the runner: {len(run)} files, {args.jobs} at a time, in {time.time() - started:.0f} s; per "
+          f"file: wall median {seconds[len(seconds) // 2]:.1f} s (mean {sum(seconds) / len(seconds):.1f}, max "
+          f"{seconds[-1]:.1f}), CPU median {cpu[len(cpu) // 2]:.1f} s (mean {sum(cpu) / len(cpu):.1f}, "
+          f"max {cpu[-1]:.1f}); "
+          f"peak memory of one grading's process tree: median {peaks[len(peaks) // 2]:.0f} MB, max {peaks[-1]:.0f} MB")
     sources = {}
     for student in carries:
         path = os.path.join(folder, rows[student]["file"]) if rows[student]["file"] else ""
