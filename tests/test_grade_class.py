@@ -82,8 +82,9 @@ def test_each_student_is_graded_and_bad_input_is_marked_while_the_rest_go_on(tmp
         "gus/diffusion_v2.py": REFERENCE, "hal/diffusion.py": "x = 'caf\xe9'\n".encode("latin-1"),
         "index.html": "an LMS's index page", ".hidden/diffusion.py": REFERENCE, "ivy/__MACOSX/diffusion.py": "junk"})
     os.symlink("/etc/passwd", folder / "ivy" / "diffusion.py")
+    (folder / "jon").mkdir()
     rows, report, grader = run(tmp_path, folder)
-    assert set(rows) == {"ann", "ben", "cat", "dan", "eve", "fay", "gus", "hal", "ivy"}
+    assert set(rows) == {"ann", "ben", "cat", "dan", "eve", "fay", "gus", "hal", "ivy", "jon"}
     assert (rows["ann"]["status"], rows["ann"]["total"], rows["ann"]["q_sample"]) == ("graded", "100.0", "50")
     assert (rows["ben"]["status"], rows["ben"]["total"]) == ("graded", "50.0")
     assert rows["ben"]["file"] == "ben/hw/deep/diffusion.py"
@@ -94,6 +95,7 @@ def test_each_student_is_graded_and_bad_input_is_marked_while_the_rest_go_on(tmp
     assert rows["gus"]["reason"] == "no diffusion.py (found: diffusion_v2.py)"
     assert rows["hal"]["status"] == "graded"  # not UTF-8 but text: the runner decides (a syntax error there)
     assert rows["ivy"]["status"] == "bad input" and "symbolic link" in rows["ivy"]["reason"]
+    assert rows["jon"]["reason"] == "no diffusion.py (found: nothing)"
     assert grader.calls == 4  # the reference check (ann's file too: one content, one grading), ben, cat, hal
     assert json.loads((tmp_path / "out" / "students" / "ben" / "results.json").read_text())["score"] == 50.0
     assert not (tmp_path / "out" / "students" / "cat").exists()
@@ -157,9 +159,11 @@ def test_a_zipped_class_folder_is_graded_like_the_folder(tmp_path):
         z.writestr("class/", "")
         z.writestr("class/ann/diffusion.py", REFERENCE)
         z.writestr("class/ben/hw/diffusion.py", REFERENCE + "# BUG")
+        z.writestr("class/cat/", "")
         z.writestr("__MACOSX/class/ann/._diffusion.py", "junk")
     rows, _, _ = run(tmp_path, path)
-    assert {s: r["total"] for s, r in rows.items()} == {"ann": "100.0", "ben": "50.0"}
+    assert {s: r["total"] for s, r in rows.items()} == {"ann": "100.0", "ben": "50.0", "cat": ""}
+    assert rows["cat"]["reason"] == "no diffusion.py (found: nothing)"
 
 
 def test_other_bad_arguments_are_refused(tmp_path):

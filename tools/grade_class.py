@@ -97,7 +97,8 @@ def skipped(parts):
 
 
 def zip_files(path):
-    """{relative path: reader() -> bytes} of a zipped class; nothing is extracted. Every entry is checked first."""
+    """({relative path: reader() -> bytes}, {top-level folder}) of a zipped class; every entry is checked before
+    anything is read, and nothing is extracted."""
     z = zipfile.ZipFile(path)
     infos = z.infolist()
     if len(infos) > MAX_ZIP_ENTRIES:
@@ -107,12 +108,13 @@ def zip_files(path):
         parts = safe_parts(info.filename, path)
         if stat.S_ISLNK(info.external_attr >> 16):
             refuse(f"{path} holds the symbolic link {info.filename!r}; nothing was graded (re-export it without links)")
-        if parts and not info.is_dir() and not skipped(parts[:-1]):
-            entries["/".join(parts)] = info
+        if parts and not skipped(parts[:-1]):
+            entries["/".join(parts) + "/" * info.is_dir()] = info
     tops = {rel.split("/")[0] for rel in entries}
     top = tops.pop() if len(tops) == 1 else None
     if top and all("/" in rel for rel in entries) and f"{top}/diffusion.py" not in entries:
-        entries = {rel.split("/", 1)[1]: info for rel, info in entries.items()}  # the zipped class folder itself
+        entries = {rel.split("/", 1)[1]: info for rel, info in entries.items() if rel != top + "/"}  # the class folder
+    folders = {rel.split("/")[0] for rel in entries if "/" in rel and not skipped(rel.split("/")[:1])}
 
     def reader(info):
         def read():
@@ -121,18 +123,20 @@ def zip_files(path):
             return z.read(info)
         return read
 
-    return {rel: reader(info) for rel, info in entries.items()}
+    return {rel: reader(info) for rel, info in entries.items() if not rel.endswith("/")}, folders
 
 
 def folder_files(path):
-    """{relative path: reader() -> bytes} of a class folder; files are read as the runner reads (no symlinks)."""
+    """({relative path: reader() -> bytes}, {top-level folder}) of a class folder; files are read as the runner
+    reads them (no symlinks)."""
+    folders = {entry.name for entry in os.scandir(path) if entry.is_dir() and not skipped([entry.name])}
     files = {}
     for parent, dirs, names in os.walk(path):  # does not follow symlinked folders
         dirs[:] = sorted(d for d in dirs if not skipped([d]))
         for name in names:
             full = os.path.join(parent, name)
             files[os.path.relpath(full, path).replace(os.sep, "/")] = lambda full=full: read_source(full)
-    return files
+    return files, folders
 
 
 def not_python(data):
@@ -155,14 +159,14 @@ def collect(submissions):
     """One Submission per student (the top-level folder under SUBMISSIONS); refuses a class with nothing to grade."""
     if not zipfile.is_zipfile(submissions) and not os.path.isdir(submissions):
         refuse(f"{submissions} is neither a folder nor a zip; give the folder (or zip) holding one folder per student")
-    files = zip_files(submissions) if zipfile.is_zipfile(submissions) else folder_files(submissions)
+    files, folders = zip_files(submissions) if zipfile.is_zipfile(submissions) else folder_files(submissions)
     if "diffusion.py" in files:
         refuse(f"{submissions} holds a diffusion.py at its top level; put each student's file in a folder named for "
                "the student")
-    by_student = {}
+    by_student = {student: [] for student in sorted(folders)}  # loose files at the top level are not students
     for rel in sorted(files):
-        if "/" in rel:  # loose files at the top level (an LMS's index, say) are not students
-            by_student.setdefault(rel.split("/")[0], []).append(rel)
+        if "/" in rel:
+            by_student[rel.split("/")[0]].append(rel)
     if not by_student:
         refuse(f"{submissions} holds no student folders; give the folder (or zip) holding one folder per student")
     out = []
@@ -171,7 +175,7 @@ def collect(submissions):
         sub = Submission(student, found[0] if found else "")
         if not found:
             names = [rel.split("/", 1)[1] for rel in rels]
-            sub.problem = f"no diffusion.py (found: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''})"
+            sub.problem = f"no diffusion.py (found: {', '.join(names[:5]) or 'nothing'}{' ...' * (len(names) > 5)})"
         elif len(found) > 1:
             sub.problem = f"{len(found)} files named diffusion.py ({', '.join(found[:4])}): keep the one to grade"
         else:
