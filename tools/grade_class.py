@@ -261,7 +261,7 @@ FAILURES = [  # (category, pattern in the runner's message when a submission cou
 
 
 def function_points(result, functions):
-    return {f: round(sum(t["score"] for t in result["tests"] if t["name"].startswith(f + ":")), 4) for f in functions}
+    return {f: round(sum(t["score"] for t in result["tests"] if t["name"].startswith(f + ":")), 2) for f in functions}
 
 
 def visible_tests(result):
@@ -516,13 +516,14 @@ def write_csv(path, rows, functions):
 
 # ------------------------------------------------------------------ the report
 def mistake_table(rows):
-    """[(hint, function, equation, [students])], most frequent first."""
-    seen = {}
+    """[(hint, functions whose checks showed it, equation, [students])], most frequent first."""
+    students, functions = {}, {}
     for r in rows:
         for function, hint in r.mistakes:
-            seen.setdefault((hint, function), set()).add(r.student)
-    table = [(hint, function, ", ".join(EQUATION.findall(hint)) or "-", sorted(students))
-             for (hint, function), students in seen.items()]
+            students.setdefault(hint, set()).add(r.student)
+            functions.setdefault(hint, set()).add(function)
+    table = [(hint, ", ".join(sorted(functions[hint])), ", ".join(EQUATION.findall(hint)) or "-", sorted(who))
+             for hint, who in students.items()]
     return sorted(table, key=lambda m: (-len(m[3]), m[1], m[0]))
 
 
@@ -613,7 +614,7 @@ def report(rows, manifest, pairs, untokenized, info):
     lines += ["## Known mistakes the judges matched", "",
               "What the judges recognised in failing outputs (the mutant catalogue of tools/mutation_test.py run on "
               "the same inputs); one student may show several (the figure above shows the most frequent).", ""]
-    lines += md_table(["students", "function", "equation", "mistake", "who"], [
+    lines += md_table(["students", "seen in", "equation", "mistake", "who"], [
         (len(students), function, eq, cell(hint, 300), cell(", ".join(students), 200))
         for hint, function, eq, students in table])
     failing = {}

@@ -20,6 +20,7 @@ import argparse
 import csv
 import glob
 import io
+import json
 import os
 import re
 import shutil
@@ -122,31 +123,40 @@ def make_class(folder, mutants=None, alternatives=True, red_team=True, broken=Tr
 
 
 def mistake_counts(report_text):
-    """{hint: count} from report.md's known-mistakes table."""
-    counts = {}
+    """{hint: students} from report.md's known-mistakes table."""
     section = report_text.split("## Known mistakes", 1)[1].split("\n## ", 1)[0]
-    for line in section.splitlines():
-        m = re.match(r"\| (\d+) \| (\w+) \| [^|]* \| (.*?) \| ", line)
-        if m:
-            counts[(m.group(3).replace("\\|", "|"), m.group(2))] = int(m.group(1))
-    return counts
+    return {m.group(2).replace("\\|", "|"): int(m.group(1))
+            for m in re.finditer(r"^\| (\d+) \| [^|]* \| [^|]* \| (.*?) \| ", section, re.M)}
 
 
-def check_mistakes(report_text, carries, rows):
-    """[problems] comparing the report's counts with the mistakes put in (students graded as a whole only)."""
-    hints = {m.name: (m.hint, m.function) for m in mutation_test.MUTANTS}
-    expected = {}
-    for student, names in carries.items():
-        if rows.get(student, {}).get("status") == "graded":
-            for name in names:
-                expected.setdefault(hints[name], set()).add(student)
-    got = mistake_counts(report_text)
-    problems = []
-    for key in sorted(set(expected) | set(got)):
-        want = len(expected.get(key, ()))
-        if got.get(key, 0) != want:
-            problems.append(f"{key[1]}: {key[0][:80]}: report {got.get(key, 0)}, put in {want}")
-    return problems
+def check_mistakes(out, report_text, carries, rows, points):
+    """(problems, notes): the report's known-mistake counts against the mutants put in, read from each student's
+    results.json. A hint's count must be the students carrying that mutant who show it plus the look-alikes
+    (other students whose output equals that mutant's on the graded inputs). A carrier not shown its hint must
+    still lose points in the mutant's function: some judges explain a mistake in their own words."""
+    outputs = {}
+    for student, row in rows.items():
+        if row["status"] == "graded":
+            with open(os.path.join(out, "students", student, "results.json")) as f:
+                outputs[student] = "\n".join(t["output"] for t in json.load(f)["tests"] if t["visibility"] == "visible")
+    reported, problems, own_words, lookalikes, recognised = mistake_counts(report_text), [], [], [], 0
+    for m in mutation_test.MUTANTS:
+        carriers = {s for s, names in carries.items() if m.name in names and s in outputs}
+        showing = {s for s in outputs if m.hint in outputs[s]}
+        recognised += len(carriers & showing)
+        lookalikes += [f"{m.name}: {', '.join(sorted(showing - carriers))}"] * bool(showing - carriers)
+        for student in carriers - showing:
+            own_words.append(f"{student} ({m.name})")
+            if float(rows[student][m.function]) >= points[m.function] - 1e-6:
+                problems.append(f"{student} carries {m.name} but lost no {m.function} points")
+        if reported.get(m.hint, 0) != len(showing):
+            problems.append(f"{m.name}: the report counts {reported.get(m.hint, 0)}, the results show {len(showing)}")
+    carried = sum(len(names) for s, names in carries.items() if s in outputs)
+    notes = [f"{recognised} of {carried} mistakes put in are recognised by their hint; explained by the judges in "
+             f"their own words (no catalogue match): {', '.join(own_words) or 'none'}",
+             f"look-alikes (a student's output equals another catalogue mistake's on the graded inputs): "
+             f"{'; '.join(lookalikes) or 'none'}"]
+    return problems, notes
 
 
 def check_copies(pairs):
@@ -166,6 +176,7 @@ def uptime():
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="/tmp/demo_class_graded", help="(default: %(default)s; emptied first)")
+    parser.add_argument("--resume", action="store_true", help="keep OUT and its cache: re-check a finished run")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="(default: %(default)s)")
     parser.add_argument("--python", default=sys.executable, help="(default: %(default)s)")
     parser.add_argument("--memory-mb", type=int, default=640, help="the runner's watchdog (default: %(default)s)")
@@ -173,7 +184,8 @@ def main(argv=None):
                         help="per probe; Gradescope's is 60 s, the red team's infinite loop waits it out "
                              "(default: %(default)s)")
     args = parser.parse_args(argv)
-    shutil.rmtree(args.out, ignore_errors=True)
+    if not args.resume:
+        shutil.rmtree(args.out, ignore_errors=True)
     folder = os.path.join(args.out, "class")
     carries = make_class(folder)
     print(f"{len(carries)} students in {folder}; uptime before: {uptime()}")
@@ -189,17 +201,16 @@ def main(argv=None):
     seconds, cpu, peaks = (sorted(float(r[column]) for r in run) for column in ("seconds", "cpu_seconds", "peak_mb"))
     print(f"graded through the runner: {len(run)} files, {args.jobs} at a time, in {time.time() - started:.0f} s; per "
           f"file: wall median {seconds[len(seconds) // 2]:.1f} s (mean {sum(seconds) / len(seconds):.1f}, max "
-          f"{seconds[-1]:.1f}), CPU median {cpu[len(cpu) // 2]:.1f} s (mean {sum(cpu) / len(cpu):.1f}, "
-          f"max {cpu[-1]:.1f}); "
-          f"peak memory of one grading's process tree: median {peaks[len(peaks) // 2]:.0f} MB, max {peaks[-1]:.0f} MB")
-    sources = {}
-    for student in carries:
-        path = os.path.join(folder, rows[student]["file"]) if rows[student]["file"] else ""
-        if rows[student]["status"] != "bad input":
-            sources[student] = open(path, "rb").read()
-    skeleton = make_handout.strip_solutions(REFERENCE)[0]
-    pairs = [(a, b) for _, _, a, b in grade_class.similar_pairs(sources, skeleton)[0]]
-    problems = check_mistakes(report_text, carries, rows) + check_copies(pairs)
+          f"{seconds[-1]:.1f}), CPU median {cpu[len(cpu) // 2]:.1f} s (mean {sum(cpu) / len(cpu):.1f}, max "
+          f"{cpu[-1]:.1f}); peak memory of one grading's process tree: median {peaks[len(peaks) // 2]:.0f} MB, max "
+          f"{peaks[-1]:.0f} MB")
+    sources = {s: open(os.path.join(folder, r["file"]), "rb").read()
+               for s, r in rows.items() if r["status"] != "bad input"}
+    pairs = [(a, b) for _, _, a, b in grade_class.similar_pairs(sources, make_handout.strip_solutions(REFERENCE)[0])[0]]
+    points = grade_class.zip_contents(os.path.join(args.out, "autograder.zip"))[0]["points"]
+    problems, notes = check_mistakes(args.out, report_text, carries, rows, points)
+    problems += check_copies(pairs)
+    print("\n".join(notes))
     if rows["copy_of_lucidrains"]["total"] != rows[COPIED]["total"]:
         problems.append(f"the renamed copy scores {rows['copy_of_lucidrains']['total']}, "
                         f"its original {rows[COPIED]['total']}")
