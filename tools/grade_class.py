@@ -547,11 +547,16 @@ def plot_functions(ax, rows, manifest):
 
 def plot_mistakes(ax, table, top=12):
     shown = table[:top][::-1]
-    labels = [f"{function}, {eq}: {hint[:70]}{'...' if len(hint) > 70 else ''}" for hint, function, eq, _ in shown]
-    ax.barh(range(len(shown)), [len(s) for *_, s in shown], color="#c44e52")
-    ax.set_yticks(range(len(shown)), labels, fontsize=7)
+    most = max([len(who) for *_, who in shown], default=1)
+    ax.barh(range(len(shown)), [len(who) for *_, who in shown], color="#f2b5b5")
+    for y, (hint, functions, eq, who) in enumerate(shown):  # the label over its bar: long hints need the width
+        text = f"{functions} ({eq}): {hint}"
+        ax.text(most * 0.005, y, f"{len(who)}   " + (text[:130] + " ..." if len(text) > 130 else text), va="center",
+                fontsize=7)
+    ax.set_yticks([])
+    ax.set_xlim(0, most)
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set(xlabel="students", title=f"Known mistakes (top {min(top, len(table))} of {len(table)})")
+    ax.set(xlabel="students", title=f"Known mistakes the judges matched (top {len(shown)} of {len(table)})")
 
 
 def write_figure(path, rows, manifest, table):
