@@ -256,7 +256,7 @@ def grade_with_zip(source, zip_path, python, limits, allow_same_user):
 FAILURES = [  # (category, pattern in the runner's message when a submission could not run at all)
     ("syntax error", r"syntax error"), ("timeout", r"longer than|time limit"), ("memory", r"MB of memory"),
     ("import error", r"could not be imported"), ("refused", r"REFUSED"), ("grader failure", r"grader itself failed"),
-    ("file", r"symbolic link|not a regular file|the limit is \d+ bytes"),
+    ("file", r"symbolic link|not a regular file|the limit is \d+ bytes"), ("output flood", r"more output than"),
 ]
 
 
@@ -288,7 +288,7 @@ def could_not_run(result):
 
 def stopped_checks(result):
     """The reasons of the checks whose probe was stopped (timeout, memory, crash) while the others ran."""
-    reasons = [re.sub(r"^(This check's probe stopped|Not run): ", "", t["output"]).split("\n")[0]
+    reasons = [re.sub(r"^(This check's probe stopped|Not run): ", "", t["output"]).split("\n")[0].rstrip(".")
                for t in visible_tests(result) if t["output"].startswith(("This check's probe stopped:", "Not run:"))]
     return sorted(set(reasons)), len(reasons)
 

@@ -129,11 +129,11 @@ def mistake_counts(report_text):
             for m in re.finditer(r"^\| (\d+) \| [^|]* \| [^|]* \| (.*?) \| ", section, re.M)}
 
 
-def check_mistakes(out, report_text, carries, rows, points):
+def check_mistakes(out, report_text, carries, rows):
     """(problems, notes): the report's known-mistake counts against the mutants put in, read from each student's
     results.json. A hint's count must be the students carrying that mutant who show it plus the look-alikes
     (other students whose output equals that mutant's on the graded inputs). A carrier not shown its hint must
-    still lose points in the mutant's function: some judges explain a mistake in their own words."""
+    still lose points: some judges explain a mistake in their own words, and some attacks break the function."""
     outputs = {}
     for student, row in rows.items():
         if row["status"] == "graded":
@@ -147,8 +147,8 @@ def check_mistakes(out, report_text, carries, rows, points):
         lookalikes += [f"{m.name}: {', '.join(sorted(showing - carriers))}"] * bool(showing - carriers)
         for student in carriers - showing:
             own_words.append(f"{student} ({m.name})")
-            if float(rows[student][m.function]) >= points[m.function] - 1e-6:
-                problems.append(f"{student} carries {m.name} but lost no {m.function} points")
+            if float(rows[student]["total"]) >= 100 - 1e-6:
+                problems.append(f"{student} carries {m.name} but lost no points")
         if reported.get(m.hint, 0) != len(showing):
             problems.append(f"{m.name}: the report counts {reported.get(m.hint, 0)}, the results show {len(showing)}")
     carried = sum(len(names) for s, names in carries.items() if s in outputs)
@@ -207,8 +207,7 @@ def main(argv=None):
     sources = {s: open(os.path.join(folder, r["file"]), "rb").read()
                for s, r in rows.items() if r["status"] != "bad input"}
     pairs = [(a, b) for _, _, a, b in grade_class.similar_pairs(sources, make_handout.strip_solutions(REFERENCE)[0])[0]]
-    points = grade_class.zip_contents(os.path.join(args.out, "autograder.zip"))[0]["points"]
-    problems, notes = check_mistakes(args.out, report_text, carries, rows, points)
+    problems, notes = check_mistakes(args.out, report_text, carries, rows)
     problems += check_copies(pairs)
     print("\n".join(notes))
     if rows["copy_of_lucidrains"]["total"] != rows[COPIED]["total"]:
