@@ -25,6 +25,7 @@ rest go on; a bad SUBMISSIONS (empty, a zip with paths outside its folder) is re
 """
 import argparse
 import concurrent.futures
+import contextlib
 import csv
 import hashlib
 import io
@@ -230,7 +231,9 @@ def grade_with_zip(source, zip_path, python, limits, allow_same_user):
                     break
                 peak = max(peak, rss_of(tree(proc.pid)))
                 if STOP.is_set() or time.time() - start > deadline:  # a backstop: the runner has its own limits
-                    os.killpg(proc.pid, signal.SIGKILL)
+                    for pid in tree(proc.pid):  # the grader, its trusted processes and the student's worker
+                        with contextlib.suppress(OSError):
+                            os.kill(pid, signal.SIGKILL)
                 time.sleep(0.1)
             seconds = time.time() - start
             log.seek(max(0, log.seek(0, 2) - 2000))
@@ -754,4 +757,5 @@ def main(argv=None, grade=None):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # like Ctrl-C: stop the running graders, clean up
     sys.exit(main())
