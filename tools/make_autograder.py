@@ -112,6 +112,14 @@ def build(out):
     return manifest
 
 
+def unpack(zip_path, folder):
+    """Unpack the zip into `folder` as Gradescope does into /autograder/source (with each file's mode)."""
+    with zipfile.ZipFile(zip_path) as z:
+        z.extractall(folder)
+        for info in z.infolist():
+            os.chmod(os.path.join(folder, info.filename), (info.external_attr >> 16) & 0o777 or 0o644)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(ROOT, "build", "autograder.zip"))

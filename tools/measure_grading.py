@@ -14,12 +14,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 from autograder_runner import rss_of  # noqa: E402  (resident memory summed over processes, as the grader's watchdog)
+from make_autograder import unpack  # noqa: E402
 
 
 def tree(pid):
@@ -49,10 +49,7 @@ def main(argv=None):
     root = tempfile.mkdtemp(prefix="measure-")
     try:
         os.makedirs(os.path.join(root, "submission"))
-        with zipfile.ZipFile(args.zip) as z:
-            z.extractall(os.path.join(root, "source"))
-            for info in z.infolist():
-                os.chmod(os.path.join(root, "source", info.filename), (info.external_attr >> 16) & 0o777 or 0o644)
+        unpack(args.zip, os.path.join(root, "source"))
         shutil.copy(args.submission, os.path.join(root, "submission", "diffusion.py"))
         env = dict(os.environ, AUTOGRADER_ROOT=root, AUTOGRADER_PYTHON=args.python, OMP_NUM_THREADS="1")
         start = time.time()
