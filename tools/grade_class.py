@@ -52,7 +52,7 @@ sys.path.insert(0, HERE)
 
 import make_autograder  # noqa: E402
 import make_handout  # noqa: E402
-from autograder_runner import MAX_SOURCE, SUSPICIOUS, read_source, rss_of  # noqa: E402
+from autograder_runner import MARGIN_MB, MAX_SOURCE, SUSPICIOUS, read_source, rss_of  # noqa: E402
 from measure_grading import tree  # noqa: E402  (a process and its descendants)
 
 SKIPPED_DIRS = ("__MACOSX",)  # and hidden folders, as the runner's find_submission
@@ -63,9 +63,10 @@ MISTAKE = re.compile(r"This output matches (?:a known mistake|one of these known
 EQUATION = re.compile(r"eq\. \d+(?:-\d+)?|Algorithm \d")
 # the runner's hidden notes an instructor should look at (their wording: tools/autograder_runner.py). The student's
 # output tail is part of the same text, so a student can add such lines, but only to their own row.
-WARNING_NOTE = re.compile(r"^(submission mentions|leftover processes|probes stopped|flood|malformed protocol lines|"
-                          r"unexpected protocol lines|refused|WARNING|known-mistake hints (?:skipped|stopped)|"
-                          r"file system: (?:hiding|the interpreter|no mount))", re.M)
+WARNING_NOTE = re.compile(r"^(submission mentions|leftover processes|processes besides the worker|probes stopped|"
+                          r"flood|malformed protocol lines|unexpected protocol lines|refused|restart failed|WARNING|"
+                          r"known-mistake hints (?:skipped|stopped)|file system: (?:hiding|the interpreter|no mount)|"
+                          r"network: NOT isolated)", re.M)
 # copy detector: k-grams of normalised tokens, winnowed (Schleimer, Wilkerson & Aiken 2003, as MOSS)
 KGRAM, WINDOW = 12, 8
 SIMILAR, MIN_SHARED = 0.5, 20  # flag a pair sharing >= half of the smaller file's fingerprints, and >= 20 of them
@@ -309,8 +310,10 @@ def known_mistakes(result):
 def containment(result):
     notes = hidden_notes(result)
     if "throwaway, unprivileged" in notes:
-        return "sandbox: throwaway uid, " + ("private mount namespace" if "private mount namespace" in notes else
-                                             "no mount namespace (sees world-readable files)")
+        namespaces = re.search(r"^namespaces: private (.*)$", notes, re.M)
+        return ("sandbox: throwaway uid, " + ("private mount namespace" if "private mount namespace" in notes else
+                                              "no mount namespace (sees world-readable files)")
+                + (f"; private {namespaces.group(1)} namespaces" if namespaces else "; no other namespace"))
     if "--allow-same-user" in notes:
         return "same user as the grader (no isolation)"
     return "not run" if could_not_run(result) else "unknown (see the hidden notes)"
@@ -673,7 +676,7 @@ def check_setup(graded, python):
                                         if t["score"] < t["max_score"]), graded.result.get("output", ""))
         refuse(f"the zip's reference solution scores {'nothing' if graded.problem else graded.result['score']} with "
                f"--python {python}, so the setup is broken and the class was not graded (check --python and the "
-               f"limits; a CUDA build of torch needs a higher --memory-mb than the CPU build): {cell(first, 300)}")
+               f"limits, e.g. --memory-mb, --time-limit): {cell(first, 300)}")
 
 
 def write_outputs(out, subs, graded, manifest, skeleton, info):
@@ -705,7 +708,9 @@ def main(argv=None, grade=None):
                         "runnable by an unprivileged uid (default: %(default)s)")
     parser.add_argument("--time-limit", type=float, default=480.0, help="per file (default: %(default)s s)")
     parser.add_argument("--probe-timeout", type=float, default=60.0, help="per probe (default: %(default)s s)")
-    parser.add_argument("--memory-mb", type=int, default=640, help="the student's processes (default: %(default)s)")
+    parser.add_argument("--memory-mb", type=int, default=MARGIN_MB,
+                        help="what the student's processes may use above the interpreter after `import torch` "
+                             "(default: %(default)s, as the runner)")
     parser.add_argument("--allow-same-user", action="store_true",
                         help="developers only: when not root, run the students' code as this user (no isolation)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

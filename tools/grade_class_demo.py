@@ -1,6 +1,6 @@
 """End-to-end check and measurement of tools/grade_class.py on a generated class (instructors; not run by CI).
 
-    python tools/grade_class_demo.py [--out /tmp/demo_class_graded] [--jobs 2] [--memory-mb 1500]
+    python tools/grade_class_demo.py [--out /tmp/demo_class_graded] [--jobs 2] [--memory-mb 400]
 
 Builds a class in OUT/class, one folder per "student": the reference, every tools/alt_solutions/*.py, every
 mutant of tools/mutation_test.py, a renamed copy of an independently written alternative solution (identifiers,
@@ -179,7 +179,8 @@ def main(argv=None):
     parser.add_argument("--resume", action="store_true", help="keep OUT and its cache: re-check a finished run")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="(default: %(default)s)")
     parser.add_argument("--python", default=sys.executable, help="(default: %(default)s)")
-    parser.add_argument("--memory-mb", type=int, default=640, help="the runner's watchdog (default: %(default)s)")
+    parser.add_argument("--memory-mb", type=int, default=400,
+                        help="above the interpreter's own memory, as the runner's (default: %(default)s)")
     parser.add_argument("--probe-timeout", type=float, default=20.0,
                         help="per probe; Gradescope's is 60 s, the red team's infinite loop waits it out "
                              "(default: %(default)s)")
