@@ -643,11 +643,15 @@ def remove_posix_queues_of(uid):
         MS_REC, MS_PRIVATE = 16384, 1 << 18
         _unshare(CLONE_NEWNS, "mount namespace")
         _mount("none", "/", None, MS_REC | MS_PRIVATE)
-        folder = tempfile.mkdtemp(prefix="mqueue-")
-        _mount("mqueue", folder, "mqueue", 0)
-        queues = [name for name in os.listdir(folder) if os.lstat(os.path.join(folder, name)).st_uid == uid]
-        for name in queues:
-            os.remove(os.path.join(folder, name))
+        folder = tempfile.mkdtemp(prefix="mqueue-")  # on the machine's /tmp: removed again below
+        try:
+            _mount("mqueue", folder, "mqueue", 0)
+            queues = [name for name in os.listdir(folder) if os.lstat(os.path.join(folder, name)).st_uid == uid]
+            for name in queues:
+                os.remove(os.path.join(folder, name))
+            _libc().umount2(folder.encode(), 2)  # MNT_DETACH
+        finally:
+            os.rmdir(folder)
         os._exit(100 + min(len(queues), 100))
 
     code = _in_child(remove, timeout=5.0)
