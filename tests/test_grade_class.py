@@ -104,7 +104,7 @@ def test_each_student_is_graded_and_bad_input_is_marked_while_the_rest_go_on(tmp
     assert "| ben | `submission mentions: subprocess; leftover processes: 2` |" in report
     assert "| ann |" not in report.split("## Hidden-note warnings")[1].split("## ")[0]
     assert "| 1 | q_sample: b | ben |" in report  # checks failed most often
-    assert "| sandbox: throwaway uid, no mount namespace (sees world-readable files) | 3 |" in report
+    assert "| sandbox: throwaway uid, no mount namespace (sees world-readable files); no other namespace | 3 |" in report
     assert (tmp_path / "out" / "report.png").stat().st_size > 20000 and "](report.png)" in report
 
 

@@ -30,7 +30,8 @@ def readme_order():
     text = open(os.path.join(REPO, "README.md")).read()
     table = text[text.index("## Files"):text.index("## Data")]
     files = re.findall(r"^\| `([\w/]+\.py)` \|", table, re.M)
-    return [module_name(f) for f in files if not f.startswith("test_")]  # the graded tests are no product file
+    graded_tests = ("test_diffusion.py", "grading.py")  # the graded checks and their machinery: no product file
+    return [module_name(f) for f in files if f not in graded_tests]
 
 
 def test_every_product_file_is_in_the_readme_files_table():

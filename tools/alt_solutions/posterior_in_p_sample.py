@@ -37,6 +37,12 @@ def unnormalize_to_zero_to_one(t):
 
 
 class Diffusion(nn.Module):
+    """The handout's DDPM around a noise-predicting U-Net (`model`).
+
+    Keep the schedule's tensors as buffers (`self.register_buffer`), so that `.to(device)` moves them with the
+    model. On an Apple GPU (MPS) they must be float32, as MPS has no float64: compute in float64 if you like, then
+    store `.float()` copies (the trainer refuses float64 buffers there, naming them)."""
+
     def __init__(self, model, *, image_size, channels=3, timesteps=50):
         super().__init__()
         if int(timesteps) < 1:
