@@ -7,6 +7,7 @@ Attacks on the grader: tests/test_autograder_attacks.py.
 """
 import concurrent.futures
 import os
+import sys
 
 import pytest
 
@@ -27,7 +28,10 @@ SINGLE_FUNCTION_BUGS = {
 }
 ALT_DIR = os.path.join(REPO, "tools", "alt_solutions")
 CASES = {
-    "reference_in_subfolder": ({"hw/diffusion.py": REFERENCE, "hw/notes.txt": "hi"}, {}),
+    # graded with the interpreter running these tests (the kit's venv: the CUDA build of torch), where the other
+    # cases may use a Gradescope-like one with the CPU wheel (.ci/run sets AUTOGRADER_TEST_PYTHON): 100 with both
+    "reference_in_subfolder": ({"hw/diffusion.py": REFERENCE, "hw/notes.txt": "hi"},
+                               {"AUTOGRADER_PYTHON": sys.executable}),
     "bare_handout": ({"diffusion.py": BARE_HANDOUT}, {}),
     "missing_file": ({"diffusion_v2.py": REFERENCE}, {}),
     "syntax_error": ({"diffusion.py": REFERENCE.replace("def q_sample(self, x_0, t, noise):", "def q_sample(self, x_0, t, noise)")}, {}),
