@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import zipfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
@@ -74,10 +73,7 @@ def grade(zip_path, root, files, env=None, python=None, timeout=400, cgroup=None
     default_python, mode = environment()
     (root / "source").mkdir(parents=True)
     (root / "submission").mkdir()
-    with zipfile.ZipFile(zip_path) as z:
-        z.extractall(root / "source")
-    for info in zipfile.ZipFile(zip_path).infolist():
-        os.chmod(root / "source" / info.filename, (info.external_attr >> 16) & 0o777 or 0o644)
+    make_autograder.unpack(zip_path, root / "source")
     for rel, content in files.items():
         path = root / "submission" / rel
         path.parent.mkdir(parents=True, exist_ok=True)
